@@ -1,0 +1,133 @@
+"""Find a TFLite interpreter: LiteRT, then tflite-runtime, then TensorFlow Lite.
+
+All three expose the same ``Interpreter`` class. The environment variable
+``EDGEEMBED_BACKEND`` (or the ``backend`` argument) forces one of them by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV_VARIABLE = "EDGEEMBED_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An importable TFLite interpreter.
+
+    Attributes:
+        name: The name accepted by ``EDGEEMBED_BACKEND``.
+        module: The module that defines ``Interpreter``.
+        package: The pip package that provides the module.
+    """
+
+    name: str
+    module: str
+    package: str
+
+
+BACKENDS = (
+    Backend("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
+    Backend("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
+    Backend("tensorflow", "tensorflow.lite", "tensorflow"),
+)
+
+
+class BackendError(RuntimeError):
+    """Raised when no TFLite interpreter can be imported or a name is unknown."""
+
+
+def _find(name: str) -> Backend:
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    names = ", ".join(b.name for b in BACKENDS)
+    raise BackendError(f"unknown backend {name!r}; use one of: {names}")
+
+
+def _import(backend: Backend) -> Any:
+    module = importlib.import_module(backend.module)
+    return module.Interpreter
+
+
+def load_interpreter_class(name: str | None = None) -> tuple[Backend, Any]:
+    """Import the interpreter class of the requested or first available backend.
+
+    Args:
+        name: A backend name; None reads ``EDGEEMBED_BACKEND`` and, when that is unset
+            too, tries the backends in order.
+
+    Returns:
+        The backend and its ``Interpreter`` class.
+
+    Raises:
+        BackendError: If the requested backend or every backend fails to import. The
+            message names the pip package to install.
+    """
+    requested = name or os.environ.get(ENV_VARIABLE) or None
+    if requested:
+        backend = _find(requested)
+        try:
+            return backend, _import(backend)
+        except ImportError as error:
+            raise BackendError(
+                f"backend {backend.name!r} is not importable ({error}); "
+                f"pip install {backend.package}, or unset {ENV_VARIABLE}"
+            ) from error
+
+    failures = []
+    for backend in BACKENDS:
+        try:
+            return backend, _import(backend)
+        except ImportError as error:
+            logger.debug("backend %s unavailable: %s", backend.name, error)
+            failures.append(f"{backend.name}: {error}")
+
+    raise BackendError(
+        "no TFLite interpreter found; pip install ai-edge-litert "
+        "(or tflite-runtime with numpy<2). Tried " + "; ".join(failures)
+    )
+
+
+def backend_version(backend: Backend) -> str:
+    """Return the installed version of a backend's package, or "unknown"."""
+    from importlib import metadata
+
+    for distribution in (backend.package, backend.package.replace("-", "_"), "tensorflow-cpu"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def create_interpreter(model_path: str, num_threads: int | None = None,
+                       backend: str | None = None) -> tuple[Backend, Any]:
+    """Create and allocate an interpreter for a model file.
+
+    The interpreter memory-maps the file, so the model's weights count towards
+    resident memory only as they are read.
+
+    Args:
+        model_path: The ``.tflite`` file.
+        num_threads: CPU threads for the interpreter; None lets the backend choose.
+        backend: A backend name, or None for the default order.
+
+    Returns:
+        The backend used and the allocated interpreter.
+
+    Raises:
+        BackendError: If no backend can be imported.
+        ValueError: If the interpreter rejects the model.
+    """
+    chosen, interpreter_class = load_interpreter_class(backend)
+    interpreter = interpreter_class(model_path=model_path, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    logger.debug("loaded model with %s, %s threads", chosen.name, num_threads)
+    return chosen, interpreter

@@ -1,0 +1,1 @@
+"""Models shipped with edgeembed; installed as the package edgeembed._models."""
