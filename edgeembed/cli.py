@@ -7,6 +7,7 @@ was skipped, 2 for invalid arguments.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -14,53 +15,31 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeembed import __version__, storage
+from edgeembed import __version__, cli_index, storage
 from edgeembed.backends import BackendError
+from edgeembed.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_common_options,
+    load_embedder,
+    logger,
+    progress_bar,
+    report_failures,
+)
 from edgeembed.model import ModelError
 from edgeembed.preprocess import ImageError, list_images
 from edgeembed.storage import GalleryError
 
-logger = logging.getLogger("edgeembed")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
-    if model:
-        parser.add_argument("--model", metavar="MODEL",
-                            help="TFLite embedder to use (default: the shipped int8 EfficientNet-Lite0)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="interpreter CPU threads (default: the backend's choice)")
-    parser.add_argument("--backend", choices=("litert", "tflite-runtime", "tensorflow"),
-                        help="TFLite interpreter package to use (default: EDGEEMBED_BACKEND, then "
-                             "the first one installed)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
-
-
-def _progress(total: int, description: str):
-    """Return a tqdm bar on a terminal; tqdm disables itself when stderr is not a TTY."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", disable=None, file=sys.stderr)
-
-
-def _load_embedder(args: argparse.Namespace, model: str | None = None):
-    from edgeembed.embedder import Embedder
-
-    return Embedder(model or args.model, num_threads=args.threads, backend=args.backend)
-
-
-def _report_failures(failures: list[tuple[Path, str]], total: int, done: str) -> int:
-    ok = total - len(failures)
-    print(f"{done} {ok} of {total} images, {len(failures)} skipped", file=sys.stderr)
-    return EXIT_FAILED if failures else EXIT_OK
+# Other command modules call this name to add the shared options.
+_add_common = add_common_options
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's tensors, preprocessing, provenance and op counts."""
     from edgeembed.backends import backend_version
 
-    embedder = _load_embedder(args, args.model_path or args.model)
+    embedder = load_embedder(args, args.model_path or args.model)
     meta = embedder.metadata
     info = {
         "model": str(embedder.model_path),
@@ -104,9 +83,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     ids_path = out.with_suffix(".ids.txt")
 
     paths = list_images(args.inputs)
-    embedder = _load_embedder(args)
+    embedder = load_embedder(args)
     vectors, kept, failures = [], [], []
-    with _progress(len(paths), "embedding") as bar:
+    with progress_bar(len(paths), "embedding") as bar:
         for result in embedder.embed_files(paths):
             bar.update()
             if result.vector is None:
@@ -121,41 +100,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     out.parent.mkdir(parents=True, exist_ok=True)
     storage.write_npy(out, np.stack(vectors))
-    storage.write_text(ids_path, "".join(f"{path}\n" for path in kept))
+    ids_text = "".join(f"{path}\n" for path in kept)
+    # surrogateescape writes file names that are not valid UTF-8 back as their original bytes.
+    storage.write_bytes(ids_path, ids_text.encode("utf-8", "surrogateescape"))
     print(f"wrote {out} ({len(kept)} x {embedder.embedding_dim}) and {ids_path}", file=sys.stderr)
-    return _report_failures(failures, len(paths), "embedded")
-
-
-def cmd_index_build(args: argparse.Namespace) -> int:
-    """Embed every image under a folder and save a gallery."""
-    from edgeembed.gallery import Gallery
-
-    root = Path(args.image_dir)
-    if not root.is_dir():
-        logger.error("%s is not a folder; index build takes a folder of images", root)
-        return EXIT_FAILED
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        logger.error("%s already exists; pass --overwrite to replace it", out)
-        return EXIT_FAILED
-
-    paths = list_images([root])
-    ids = [path.relative_to(root).as_posix() for path in paths]
-    embedder = _load_embedder(args)
-    with _progress(len(paths), "indexing") as bar:
-        gallery, failures = Gallery.from_images(paths, embedder, ids=ids, n_trees=args.trees,
-                                                progress=lambda _: bar.update())
-    gallery.save(out, overwrite=args.overwrite)
-    print(f"gallery {out}: {len(gallery)} items, {gallery.dim} dimensions, {args.trees} trees",
-          file=sys.stderr)
-    return _report_failures(failures, len(paths), "indexed")
+    return report_failures(failures, len(paths), "embedded")
 
 
 def _gallery_model(args: argparse.Namespace) -> str | None:
     """Return --model, else the model recorded in the gallery when that file still exists."""
     if args.model:
         return args.model
-    manifest = storage.read_manifest(Path(args.gallery) / "manifest.json", "edgeembed.gallery/1")
+    from edgeembed.gallery import MANIFEST, SCHEMA
+
+    manifest = storage.read_manifest(Path(args.gallery) / MANIFEST, SCHEMA)
     recorded = manifest["model"].get("path")
     return recorded if recorded and Path(recorded).is_file() else None
 
@@ -171,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Search a gallery with query images."""
     from edgeembed.gallery import Gallery
 
-    embedder = _load_embedder(args, _gallery_model(args))
+    embedder = load_embedder(args, _gallery_model(args))
     gallery = Gallery.open(args.gallery, embedder)
     queries = list_images(args.queries)
     failures = []
@@ -192,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             _print_matches(str(query), matches)
     if failures or len(queries) > 1:
-        return _report_failures(failures, len(queries), "searched")
+        return report_failures(failures, len(queries), "searched")
     return EXIT_OK
 
 
@@ -206,26 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show a model's tensors, preprocessing and provenance")
     info.add_argument("model_path", nargs="?", metavar="MODEL", help="the model (default: shipped model)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_common(info)
+    add_common_options(info)
     info.set_defaults(run=cmd_info)
 
     embed = commands.add_parser("embed", help="embed images into a .npy file")
     embed.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (recursive)")
     embed.add_argument("--out", required=True, metavar="FILE.npy",
                        help="output vectors; FILE.ids.txt beside it lists one image path per row")
-    _add_common(embed)
+    add_common_options(embed)
     embed.set_defaults(run=cmd_embed)
 
-    index = commands.add_parser("index", help="build and manage galleries")
-    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    build = index_commands.add_parser("build", help="index every image under a folder")
-    build.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images, searched recursively")
-    build.add_argument("--out", required=True, metavar="GALLERY_DIR", help="gallery folder to write")
-    build.add_argument("--trees", type=int, default=10, metavar="N",
-                       help="Annoy trees; more trees give better recall and a larger index (default: 10)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing gallery folder")
-    _add_common(build)
-    build.set_defaults(run=cmd_index_build)
+    index = commands.add_parser("index", help="build and change galleries")
+    cli_index.configure_parser(index)
 
     search = commands.add_parser("search", help="find the gallery items most similar to query images")
     search.add_argument("gallery", metavar="GALLERY_DIR")
@@ -236,33 +186,57 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--exact", action="store_true", help="search all stored vectors instead of Annoy")
     search.add_argument("--json", action="store_true",
                         help='print one JSON object per query: {"query", "matches": [{"id", "path", "score"}]}')
-    _add_common(search, model=True)
+    add_common_options(search)
     search.set_defaults(run=cmd_search)
 
-    _add_convert(commands)
+    for name, module, description in FEATURE_COMMANDS:
+        _add_feature(commands, name, module, description)
     return parser
 
 
-def _add_convert(commands) -> None:
-    convert = commands.add_parser("convert", help="build an int8 TFLite embedder (needs edgeembed[toolchain])")
+# Commands whose code lives in their own module. Each module defines
+# configure_parser(parser) and run(args) -> int, and imports nothing heavy
+# (TensorFlow, PyTorch, OpenCV, Ray) at module level, so that building the parser stays cheap.
+FEATURE_COMMANDS = (
+    ("convert", "edgeembed.toolchain.command",
+     "build a TFLite embedder from a backbone (needs edgeembed[toolchain])"),
+    ("camera", "edgeembed.camera_command", "match live camera frames against a gallery"),
+    ("bench", "edgeembed.bench_command", "measure latency, throughput, memory and retrieval"),
+    ("eval", "edgeembed.evaluate_command", "measure retrieval quality on a labelled folder"),
+)
+
+
+def _add_feature(commands, name: str, module_name: str, description: str) -> None:
     try:
-        from edgeembed.toolchain import command
-    except ImportError:  # a checkout without the toolchain package
-        return
-    command.configure_parser(convert)
-    convert.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
-    convert.set_defaults(run=command.run)
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if module_name != missing and not module_name.startswith(missing + "."):
+            raise
+        return  # this checkout does not have that command yet
+
+    parser = commands.add_parser(name, help=description)
+    module.configure_parser(parser)
+    if not any("--verbose" in action.option_strings for action in parser._actions):
+        parser.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
+    parser.set_defaults(run=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code."""
+    # File names that are not valid UTF-8 reach Python as surrogate escapes; print them
+    # as backslash escapes rather than fail.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     try:
         return args.run(args)
-    except (ModelError, BackendError, GalleryError, ImageError) as error:
+    except (ModelError, BackendError, GalleryError, ImageError, cli_index.LabelsError) as error:
         logger.error("%s", error)
         return EXIT_FAILED
     except KeyboardInterrupt:

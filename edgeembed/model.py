@@ -165,10 +165,17 @@ class ModelMetadata:
 def default_model_path() -> Path:
     """Return the path of the int8 EfficientNet-Lite0 embedder installed with the package.
 
+    An installed package has the models as ``edgeembed._models``. A source checkout
+    imported without installing has them in the ``models`` folder beside ``edgeembed``.
+
     Raises:
-        ModelError: If the package was installed without its model file.
+        ModelError: If the model file is in neither place.
     """
-    path = Path(str(resources.files("edgeembed._models").joinpath(DEFAULT_MODEL_NAME)))
+    try:
+        path = Path(str(resources.files("edgeembed._models").joinpath(DEFAULT_MODEL_NAME)))
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+
     if not path.is_file():
         raise ModelError(
             f"the default model {path} is missing; reinstall edgeembed or pass a model path"

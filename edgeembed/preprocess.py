@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
+import struct
 import warnings
 from pathlib import Path
 from typing import Union
@@ -83,6 +85,7 @@ def _open(source: ImageInput, config: PreprocessConfig | None) -> Image.Image:
         stream: io.BytesIO | str = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
         stream = os.fspath(source)
+        _check_regular_file(stream)
     else:
         raise TypeError(f"unsupported image input {type(source).__name__}; "
                         "pass a path, bytes, a PIL image or a uint8 array")
@@ -92,6 +95,15 @@ def _open(source: ImageInput, config: PreprocessConfig | None) -> Image.Image:
         image.draft(image.mode, draft_size(config))
     image.load()
     return image
+
+
+def _check_regular_file(path: str) -> None:
+    """Reject folders, FIFOs and devices before opening, because reading a FIFO can block forever."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise ImageError(path, "not a regular file (a FIFO, socket or device)")
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -187,8 +199,12 @@ def load_image(source: ImageInput, config: PreprocessConfig | None = None) -> Im
         raise ImageError(name, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(name, f"rejected as a possible decompression bomb ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # Pillow reports truncated and corrupt data with these types.
+    except OSError as error:
+        if error.errno is not None:  # the file system failed, not the decoder
+            raise ImageError(name, f"cannot read file ({error.strerror})") from None
+        raise ImageError(name, f"cannot decode image ({error})") from None
+    except (SyntaxError, ValueError, EOFError, struct.error) as error:
+        # Pillow reports truncated and corrupt data with these types too.
         raise ImageError(name, f"cannot decode image ({error})") from None
 
 

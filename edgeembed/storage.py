@@ -7,6 +7,8 @@ file is memory-mapped, because Annoy crashes the process on a short or mismatche
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,11 @@ def staging_dir(target: Path) -> Path:
     return staging
 
 
+def remove_tree(folder: Path) -> None:
+    """Delete a folder and everything in it, ignoring a folder that is already gone."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (new and renamed files) to disk."""
     descriptor = os.open(folder, os.O_RDONLY)
@@ -36,6 +43,12 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by other code (such as Annoy's save) to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -65,6 +78,11 @@ def _write_bytes_atomic(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically and durably."""
+    _write_bytes_atomic(path, lambda handle: handle.write(data))
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a UTF-8 text file atomically and durably."""
     _write_bytes_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
@@ -89,6 +107,60 @@ def describe_file(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Switch a gallery to a new manifest with one atomic rename, then flush the folder.
+
+    Every file the manifest names must already be written and fsynced.
+    """
+    write_text(path, json.dumps(manifest, indent=2))
+    fsync_dir(path.parent)
+
+
+class WriterLock:
+    """An exclusive, non-blocking lock on a gallery folder for one writing process.
+
+    It is an ``flock`` on the folder's ``.lock`` file, so the operating system
+    releases it when the process exits, including after SIGKILL, and a killed writer
+    never blocks the next one.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        """Prepare a lock for `folder`; `acquire` takes it."""
+        self.path = folder / ".lock"
+        self._descriptor: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            GalleryError: If another process holds it.
+        """
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise GalleryError(f"{self.path.parent} is being changed by another process; "
+                                   "wait for it to finish and try again") from None
+            raise
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        """Release the lock if held."""
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 def read_manifest(path: Path, schema: str) -> dict:
     """Read and check a gallery manifest.
 
@@ -104,7 +176,7 @@ def read_manifest(path: Path, schema: str) -> dict:
 
     if not isinstance(manifest, dict) or manifest.get("schema") != schema:
         raise GalleryError(f"{path} is not a gallery manifest of schema {schema!r}")
-    for key in ("dim", "items", "n_trees", "model", "files"):
+    for key in ("generation", "dim", "n_trees", "model", "base", "added", "removed", "files"):
         if key not in manifest:
             raise GalleryError(f"{path} is missing the field {key!r}")
     return manifest

@@ -1,0 +1,46 @@
+"""Options, progress bars and exit codes shared by the command-line modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("edgeembed")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_common_options(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    """Add --model (unless `model` is False), --threads, --backend and -v to a subcommand."""
+    if model:
+        parser.add_argument("--model", metavar="MODEL",
+                            help="TFLite embedder to use (default: the shipped int8 EfficientNet-Lite0)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="interpreter CPU threads (default: the backend's choice)")
+    parser.add_argument("--backend", choices=("litert", "tflite-runtime", "tensorflow"),
+                        help="TFLite interpreter package to use (default: EDGEEMBED_BACKEND, then "
+                             "the first one installed)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
+
+
+def progress_bar(total: int, description: str):
+    """Return a tqdm bar on stderr; tqdm disables itself when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=None, file=sys.stderr)
+
+
+def load_embedder(args: argparse.Namespace, model: str | None = None):
+    """Create the Embedder that --model, --threads and --backend ask for."""
+    from edgeembed.embedder import Embedder
+
+    return Embedder(model or args.model, num_threads=args.threads, backend=args.backend)
+
+
+def report_failures(failures: list[tuple[Path, str]], total: int, done: str) -> int:
+    """Print the closing count of a batch and return its exit code (1 when any input failed)."""
+    ok = total - len(failures)
+    print(f"{done} {ok} of {total} images, {len(failures)} skipped", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK

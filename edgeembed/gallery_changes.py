@@ -1,0 +1,177 @@
+"""Add, remove and compact: the changes a saved gallery goes through on a device.
+
+`Gallery` inherits these methods. Each change of a saved gallery takes the folder's
+writer lock, re-reads the manifest if another process changed it since, writes the
+new segment files, and switches the manifest. An in-memory gallery changes in memory
+only, and `Gallery.save` writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from edgeembed import segments, storage
+from edgeembed.items import embed_items, make_items, unit_rows
+from edgeembed.storage import GalleryError
+
+if TYPE_CHECKING:
+    from edgeembed.gallery import Gallery
+
+logger = logging.getLogger(__name__)
+
+
+class GalleryChanges:
+    """The methods of `Gallery` that change its items."""
+
+    def needs_compaction(self: Gallery) -> bool:
+        """Return True when the added or removed items are many enough to rebuild the index.
+
+        Both must pass ``COMPACT_MIN_ITEMS`` items and ``COMPACT_FRACTION`` of the
+        base segment.
+        """
+        from edgeembed.gallery import COMPACT_FRACTION, COMPACT_MIN_ITEMS
+
+        limit = max(COMPACT_MIN_ITEMS, COMPACT_FRACTION * len(self._base_items))
+        return self.added_count > limit or self.removed_count > limit
+
+    def _refresh(self: Gallery) -> None:
+        """Reload from disk if another writer switched the manifest since this gallery loaded."""
+        from edgeembed.gallery import MANIFEST, SCHEMA
+
+        current = storage.read_manifest(self.directory / MANIFEST, SCHEMA)
+        if self.manifest is None or current["generation"] != self.manifest["generation"]:
+            logger.info("%s changed on disk; reloading generation %d", self.directory, current["generation"])
+            self._load(current)
+
+    def _change(self: Gallery, apply: Callable[[], bool], base_changed: bool = False) -> None:
+        """Apply a change under the writer lock and commit it; `apply` returns False for no change."""
+        if self.directory is None:
+            apply()
+            return
+
+        with storage.WriterLock(self.directory):
+            self._refresh()
+            if not apply():
+                return
+            generation = int(self.manifest["generation"]) + 1
+            self.manifest = self._write_generation(self.directory, generation, base_changed)
+            segments.remove_leftovers(self.directory, self.manifest)
+
+    def add(self: Gallery, vectors: np.ndarray, ids: Sequence[str], paths: Sequence[str | None] | None = None,
+            labels: Sequence[str | None] | None = None, metadata: Sequence[dict | None] | None = None,
+            auto_compact: bool = True) -> None:
+        """Add items; they are searchable at once and durable when this returns.
+
+        Args:
+            vectors: Array of shape (N, dim).
+            ids: N ids, none of them live in the gallery already. An id that was
+                removed may be added again.
+            paths: N source paths, or None.
+            labels: N labels, or None.
+            metadata: N dicts of free-form JSON values, or None.
+            auto_compact: Compact when `needs_compaction` says so after adding.
+
+        Raises:
+            GalleryError: If an id is already live or repeats, or sizes disagree.
+        """
+        unit = unit_rows(vectors, self.dim)
+        items = make_items(ids, paths, labels, metadata)
+        if len(items) != len(unit):
+            raise GalleryError(f"got {len(items)} ids for {len(unit)} vectors")
+
+        def apply() -> bool:
+            taken = [item["id"] for item in items if item["id"] in self]
+            if taken or len({item["id"] for item in items}) != len(items):
+                raise GalleryError(f"ids already in the gallery or repeated: {taken[:5] or 'repeats'}; "
+                                   "remove them first or choose other ids")
+            self._added_vectors = np.concatenate([self._added_vectors, unit])
+            self._added_items = self._added_items + items
+            self._reindex()
+            return bool(items)
+
+        self._change(apply)
+        logger.info("added %d items to %s", len(items), self.directory or "the gallery")
+        if auto_compact and self.needs_compaction():
+            self.compact()
+
+    def add_images(self: Gallery, images: Sequence[str | Path], ids: Sequence[str] | None = None,
+                   labels: Sequence[str | None] | None = None,
+                   progress: Callable[[Path], None] | None = None) -> list[tuple[Path, str]]:
+        """Embed image files and add those that decode and whose ids are new.
+
+        Returns:
+            (path, reason) for every file that was not added.
+
+        Raises:
+            GalleryError: If the gallery has no embedder.
+        """
+        if self.embedder is None:
+            raise GalleryError("adding images needs an embedder: open the gallery with embedder=...")
+        vectors, items, failures = embed_items(images, self.embedder, ids, labels, progress)
+
+        fresh = [row for row, item in enumerate(items) if item["id"] not in self]
+        for row in sorted(set(range(len(items))) - set(fresh)):
+            path = Path(items[row]["path"])
+            logger.warning("skipped %s: id %r is already in the gallery", path, items[row]["id"])
+            failures.append((path, f"id {items[row]['id']!r} is already in the gallery"))
+        if fresh:
+            chosen = [items[row] for row in fresh]
+            self.add(vectors[fresh], [i["id"] for i in chosen], [i["path"] for i in chosen],
+                     [i.get("label") for i in chosen], [i.get("metadata") for i in chosen])
+        return failures
+
+    def remove(self: Gallery, ids: Sequence[str], auto_compact: bool = True) -> list[str]:
+        """Remove items by id; they never appear in results again.
+
+        Returns:
+            The ids that were not in the gallery.
+        """
+        missing: list[str] = []
+
+        def apply() -> bool:
+            missing.clear()
+            changed = False
+            for item_id in map(str, ids):
+                if item_id not in self:
+                    missing.append(item_id)
+                    continue
+                segment, row = self._locations[item_id]
+                if segment == "base":
+                    self._removed.add(item_id)
+                else:
+                    self._added_vectors = np.delete(self._added_vectors, row, axis=0)
+                    self._added_items = self._added_items[:row] + self._added_items[row + 1:]
+                    self._reindex()
+                changed = True
+            return changed
+
+        self._change(apply)
+        if auto_compact and self.needs_compaction():
+            self.compact()
+        return missing
+
+    def compact(self: Gallery, n_trees: int | None = None) -> None:
+        """Rebuild the Annoy index from all live items and empty the added segment.
+
+        Args:
+            n_trees: Trees for the new index; None keeps the current number.
+        """
+        def apply() -> bool:
+            live = [row for row, item in enumerate(self._base_items) if item["id"] not in self._removed]
+            vectors = np.concatenate([np.asarray(self._base_vectors[live]), self._added_vectors])
+            items = [self._base_items[row] for row in live] + self._added_items
+            self.n_trees = n_trees or self.n_trees
+            self._added_vectors = self._added_vectors[:0]
+            self._added_items = []
+            self._removed = set()
+            self._set_base(vectors, items)
+            if self.directory is None:
+                self._index = segments.build_annoy(vectors, self.n_trees) if items else None
+            return True
+
+        self._change(apply, base_changed=True)
+        logger.info("compacted %s to %d items", self.directory or "the gallery", len(self))

@@ -1,0 +1,170 @@
+"""The files of a gallery's two segments, named by generation.
+
+The *base* segment is the Annoy index with its vectors and items. The *added*
+segment holds items added since the last compaction, searched exactly. Every change
+writes new files under a new generation number and never rewrites a file that a
+manifest names, so a reader that opened an older generation keeps valid files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from edgeembed import storage
+from edgeembed.storage import GalleryError
+
+logger = logging.getLogger(__name__)
+
+ANNOY_SEED = 42
+
+# Files that a gallery writes, so that leftovers of a killed writer can be recognised.
+_GENERATED = re.compile(r"^(index-\d+\.ann|vectors-\d+\.npy|items-\d+\.json|added-\d+\.npy|"
+                        r"added-items-\d+\.json)(\.tmp)?$|^manifest\.json\.tmp$")
+
+
+def build_annoy(vectors: np.ndarray, n_trees: int, seed: int = ANNOY_SEED) -> AnnoyIndex:
+    """Build an angular Annoy index whose item i is row i of `vectors`.
+
+    Args:
+        vectors: Unit-length float32 rows.
+        n_trees: Number of trees; more trees give better recall and a larger file.
+        seed: Annoy's random seed, so that the same vectors give the same index.
+
+    Returns:
+        The built index.
+    """
+    index = AnnoyIndex(vectors.shape[1], "angular")
+    index.set_seed(seed)
+    for item, vector in enumerate(vectors):
+        index.add_item(item, vector)
+    index.build(n_trees)
+    return index
+
+
+def _write_items(path: Path, items: list[dict]) -> None:
+    # ASCII escapes keep file names that are not valid UTF-8 (surrogate escapes) intact.
+    storage.write_text(path, json.dumps(items))
+
+
+def write_base(folder: Path, generation: int, vectors: np.ndarray, items: list[dict],
+               n_trees: int, index: AnnoyIndex | None = None) -> tuple[dict, dict, AnnoyIndex | None]:
+    """Write the base segment: Annoy index, vectors and items.
+
+    A given `index` must hold `vectors`; otherwise a new one is built.
+
+    Returns:
+        The manifest's ``base`` section, the new files' descriptions, and the index
+        (None for an empty segment).
+    """
+    if not items:
+        return {"items": 0, "index": None, "vectors": None, "items_file": None}, {}, None
+
+    names = {"index": f"index-{generation:06d}.ann", "vectors": f"vectors-{generation:06d}.npy",
+             "items_file": f"items-{generation:06d}.json"}
+    index = index or build_annoy(vectors, n_trees)
+    temporary = folder / (names["index"] + ".tmp")
+    index.save(str(temporary))
+    storage.fsync_file(temporary)
+    temporary.replace(folder / names["index"])
+    storage.write_npy(folder / names["vectors"], vectors)
+    _write_items(folder / names["items_file"], items)
+
+    files = {name: storage.describe_file(folder / name) for name in names.values()}
+    return {"items": len(items), **names}, files, index
+
+
+def write_added(folder: Path, generation: int, vectors: np.ndarray, items: list[dict]) -> tuple[dict, dict]:
+    """Write the added segment's vectors and items.
+
+    Returns:
+        The manifest's ``added`` section and the new files' descriptions.
+    """
+    if not items:
+        return {"items": 0, "vectors": None, "items_file": None}, {}
+
+    names = {"vectors": f"added-{generation:06d}.npy", "items_file": f"added-items-{generation:06d}.json"}
+    storage.write_npy(folder / names["vectors"], vectors)
+    _write_items(folder / names["items_file"], items)
+    files = {name: storage.describe_file(folder / name) for name in names.values()}
+    return {"items": len(items), **names}, files
+
+
+def _read_items(path: Path, count: int) -> list[dict]:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GalleryError(f"{path} is corrupted: {error}") from error
+    if not isinstance(items, list) or len(items) != count:
+        raise GalleryError(f"{path} does not list the {count} items the manifest records")
+    return items
+
+
+def _checked(folder: Path, manifest: dict, name: str) -> Path:
+    path = folder / name
+    storage.check_size(path, manifest["files"].get(name, {}).get("bytes"))
+    return path
+
+
+def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], AnnoyIndex | None]:
+    """Open the base segment, checking sizes before Annoy memory-maps its file.
+
+    Raises:
+        GalleryError: If a file is missing, has the wrong size or disagrees with the manifest.
+        FileNotFoundError: If a file vanished after the checks (a writer replaced it).
+    """
+    section, dim = manifest["base"], int(manifest["dim"])
+    count = int(section["items"])
+    if count == 0:
+        return np.zeros((0, dim), dtype=np.float32), [], None
+
+    index_path = _checked(folder, manifest, section["index"])
+    vectors = storage.read_npy(_checked(folder, manifest, section["vectors"]), (count, dim))
+    items = _read_items(_checked(folder, manifest, section["items_file"]), count)
+
+    index = AnnoyIndex(dim, "angular")
+    if not index.load(str(index_path), prefault=False):
+        raise GalleryError(f"Annoy could not load {index_path}; rebuild the gallery")
+    if index.get_n_items() != count:
+        raise GalleryError(f"{index_path} has {index.get_n_items()} items, the manifest {count}")
+    return vectors, items, index
+
+
+def load_added(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict]]:
+    """Read the added segment into memory.
+
+    Raises:
+        GalleryError: If a file is missing, has the wrong size or disagrees with the manifest.
+    """
+    section, dim = manifest["added"], int(manifest["dim"])
+    count = int(section["items"])
+    if count == 0:
+        return np.zeros((0, dim), dtype=np.float32), []
+
+    vectors = storage.read_npy(_checked(folder, manifest, section["vectors"]), (count, dim))
+    items = _read_items(_checked(folder, manifest, section["items_file"]), count)
+    return np.array(vectors), items
+
+
+def referenced_files(manifest: dict) -> set[str]:
+    """Return the file names a manifest uses."""
+    return set(manifest["files"])
+
+
+def leftover_files(folder: Path, manifest: dict) -> list[Path]:
+    """List generated files that the manifest does not use: older generations and temporaries."""
+    keep = referenced_files(manifest)
+    return sorted(path for path in folder.iterdir()
+                  if _GENERATED.match(path.name) and path.name not in keep)
+
+
+def remove_leftovers(folder: Path, manifest: dict) -> None:
+    """Delete files of older generations. Readers that mapped them keep their mappings."""
+    for path in leftover_files(folder, manifest):
+        logger.debug("removing %s, which the current manifest does not use", path)
+        path.unlink(missing_ok=True)
