@@ -56,18 +56,19 @@ class Gallery(GalleryChanges):
     """
 
     def __init__(self, dim: int, model_fingerprint: str, model_path: str | None,
-                 n_trees: int = DEFAULT_TREES, embedder: Embedder | None = None) -> None:
+                 n_trees: int = DEFAULT_TREES, embedder: Embedder | None = None, shards: int = 1) -> None:
         """Create an empty in-memory gallery; `build`, `from_images` and `open` fill it."""
         self.dim = dim
         self.model_fingerprint = model_fingerprint
         self.model_path = model_path
         self.n_trees = n_trees
+        self.shards = shards
         self.embedder = embedder
         self.directory: Path | None = None
         self.manifest: dict | None = None
         self._base_vectors = np.zeros((0, dim), dtype=np.float32)
         self._base_items: list[dict] = []
-        self._index = None
+        self._index: segments.ShardedIndex | None = None
         self._added_vectors = np.zeros((0, dim), dtype=np.float32)
         self._added_items: list[dict] = []
         self._removed: set[str] = set()
@@ -79,7 +80,7 @@ class Gallery(GalleryChanges):
     def build(cls, vectors: np.ndarray, ids: Sequence[str], paths: Sequence[str | None] | None = None,
               *, model_fingerprint: str, model_path: str | None = None,
               labels: Sequence[str | None] | None = None, metadata: Sequence[dict | None] | None = None,
-              n_trees: int = DEFAULT_TREES, embedder: Embedder | None = None) -> Gallery:
+              n_trees: int = DEFAULT_TREES, embedder: Embedder | None = None, shards: int = 1) -> Gallery:
         """Build an in-memory gallery from vectors and their ids.
 
         Args:
@@ -92,9 +93,13 @@ class Gallery(GalleryChanges):
             metadata: N dicts of free-form JSON values.
             n_trees: Annoy trees.
             embedder: The embedder to use for image queries.
+            shards: Number of Annoy indexes the base is split into. Searches ask every
+                shard and merge by score; more shards cost query time but let each
+                index be built and mapped separately.
 
         Raises:
-            GalleryError: If sizes disagree, ids repeat, or there are no vectors.
+            GalleryError: If sizes disagree, ids repeat, there are no vectors, or
+                `shards` exceeds the number of vectors.
         """
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(vectors) == 0:
@@ -107,9 +112,9 @@ class Gallery(GalleryChanges):
         if n_trees < 1:
             raise GalleryError(f"invalid n_trees {n_trees}: use 1 or more")
 
-        gallery = cls(vectors.shape[1], model_fingerprint, model_path, n_trees, embedder)
+        gallery = cls(vectors.shape[1], model_fingerprint, model_path, n_trees, embedder, shards)
         gallery._set_base(unit_rows(vectors), make_items(ids, paths, labels, metadata))
-        gallery._index = segments.build_annoy(gallery._base_vectors, n_trees)
+        gallery._index = segments.ShardedIndex.build(gallery._base_vectors, n_trees, shards)
         return gallery
 
     @classmethod
@@ -167,7 +172,8 @@ class Gallery(GalleryChanges):
         folder = Path(directory)
         manifest = storage.read_manifest(folder / MANIFEST, SCHEMA)
         gallery = cls(int(manifest["dim"]), manifest["model"]["fingerprint"],
-                      manifest["model"].get("path"), int(manifest["n_trees"]))
+                      manifest["model"].get("path"), int(manifest["n_trees"]),
+                      shards=max(1, len(manifest["base"]["shards"])))
         gallery.directory = folder
         gallery._load(manifest)
         if embedder is not None:
@@ -292,7 +298,7 @@ class Gallery(GalleryChanges):
         if self._index is not None:
             # Removed items still sit in the index, so ask for enough extra neighbours.
             wanted = min(k + len(self._removed), len(self._base_items))
-            rows = [row for row in self._index.get_nns_by_vector(vector, wanted, search_k=search_k)
+            rows = [row for row in self._index.nearest(vector, wanted, search_k)
                     if self._base_items[row]["id"] not in self._removed]
             if rows:
                 scores = self._base_vectors[np.asarray(rows)] @ vector
@@ -360,13 +366,14 @@ class Gallery(GalleryChanges):
         if base_changed:
             base, files, index = segments.write_base(folder, generation, self._base_vectors,
                                                      self._base_items, self.n_trees,
-                                                     self._index if reuse_index else None)
+                                                     self._index if reuse_index else None,
+                                                     min(self.shards, max(1, len(self._base_items))))
             self._index = index
         else:
             assert previous is not None
             base = previous["base"]
-            names = {base[key] for key in ("index", "vectors", "items_file") if base[key]}
-            files = {name: previous["files"][name] for name in names}
+            names = [entry["file"] for entry in base["shards"]] + [base["vectors"], base["items_file"]]
+            files = {name: previous["files"][name] for name in names if name}
 
         added, added_files = segments.write_added(folder, generation, self._added_vectors, self._added_items)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

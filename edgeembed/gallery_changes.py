@@ -170,7 +170,8 @@ class GalleryChanges:
             self._removed = set()
             self._set_base(vectors, items)
             if self.directory is None:
-                self._index = segments.build_annoy(vectors, self.n_trees) if items else None
+                shards = min(self.shards, max(1, len(items)))
+                self._index = segments.ShardedIndex.build(vectors, self.n_trees, shards) if items else None
             return True
 
         self._change(apply, base_changed=True)

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 ANNOY_SEED = 42
 
 # Files that a gallery writes, so that leftovers of a killed writer can be recognised.
-_GENERATED = re.compile(r"^(index-\d+\.ann|vectors-\d+\.npy|items-\d+\.json|added-\d+\.npy|"
+_GENERATED = re.compile(r"^(index-\d+(-\d+)?\.ann|vectors-\d+\.npy|items-\d+\.json|added-\d+\.npy|"
                         r"added-items-\d+\.json)(\.tmp)?$|^manifest\.json\.tmp$")
 
 
@@ -47,36 +47,111 @@ def build_annoy(vectors: np.ndarray, n_trees: int, seed: int = ANNOY_SEED) -> An
     return index
 
 
+class ShardedIndex:
+    """One or more Annoy indexes over consecutive ranges of the base rows.
+
+    A base segment too large for one index (or one machine's build memory) is split
+    into shards. A search asks every shard and the caller merges the rows by score.
+    """
+
+    def __init__(self, parts: list[tuple[int, AnnoyIndex]]) -> None:
+        """Wrap (first base row, index) pairs; use `build` or `load` instead."""
+        self.parts = parts
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, n_trees: int, shards: int = 1) -> ShardedIndex:
+        """Build `shards` indexes over near-equal consecutive row ranges of `vectors`.
+
+        Raises:
+            GalleryError: If `shards` is below 1 or above the number of rows.
+        """
+        if not 1 <= shards <= max(1, len(vectors)):
+            raise GalleryError(f"invalid shards {shards}: use 1 to {len(vectors)} for {len(vectors)} items")
+        bounds = np.linspace(0, len(vectors), shards + 1).round().astype(int)
+        return cls([(int(start), build_annoy(vectors[start:end], n_trees))
+                    for start, end in zip(bounds[:-1], bounds[1:])])
+
+    @property
+    def shard_count(self) -> int:
+        """The number of Annoy indexes."""
+        return len(self.parts)
+
+    def nearest(self, vector: np.ndarray, n: int, search_k: int = -1) -> list[int]:
+        """Return up to `n` nearest base rows from each shard, unsorted across shards."""
+        rows: list[int] = []
+        for start, index in self.parts:
+            wanted = min(n, index.get_n_items())
+            rows += [start + item for item in index.get_nns_by_vector(vector, wanted, search_k=search_k)]
+        return rows
+
+    def save(self, folder: Path, generation: int) -> list[dict]:
+        """Write each shard to ``index-GENERATION[-S].ann`` and return the manifest entries."""
+        entries = []
+        for number, (start, index) in enumerate(self.parts):
+            suffix = f"-{number}" if len(self.parts) > 1 else ""
+            name = f"index-{generation:06d}{suffix}.ann"
+            temporary = folder / (name + ".tmp")
+            index.save(str(temporary))
+            storage.fsync_file(temporary)
+            temporary.replace(folder / name)
+            entries.append({"file": name, "start": start, "items": index.get_n_items()})
+        return entries
+
+    @classmethod
+    def load(cls, folder: Path, manifest: dict) -> ShardedIndex:
+        """Memory-map the shards a manifest names, after checking their sizes and ranges.
+
+        Raises:
+            GalleryError: If a shard is missing, has the wrong size, or its items
+                disagree with the manifest.
+        """
+        dim, total = int(manifest["dim"]), int(manifest["base"]["items"])
+        parts, expected_start = [], 0
+        for entry in manifest["base"]["shards"]:
+            path = _checked(folder, manifest, entry["file"])
+            if entry["start"] != expected_start:
+                raise GalleryError(f"{path} starts at row {entry['start']}, expected {expected_start}")
+            index = AnnoyIndex(dim, "angular")
+            if not index.load(str(path), prefault=False):
+                raise GalleryError(f"Annoy could not load {path}; rebuild the gallery")
+            if index.get_n_items() != entry["items"]:
+                raise GalleryError(f"{path} has {index.get_n_items()} items, the manifest {entry['items']}")
+            parts.append((expected_start, index))
+            expected_start += entry["items"]
+
+        if expected_start != total:
+            raise GalleryError(f"{folder}: the index shards cover {expected_start} of {total} base items")
+        return cls(parts)
+
+
 def _write_items(path: Path, items: list[dict]) -> None:
     # ASCII escapes keep file names that are not valid UTF-8 (surrogate escapes) intact.
     storage.write_text(path, json.dumps(items))
 
 
 def write_base(folder: Path, generation: int, vectors: np.ndarray, items: list[dict],
-               n_trees: int, index: AnnoyIndex | None = None) -> tuple[dict, dict, AnnoyIndex | None]:
-    """Write the base segment: Annoy index, vectors and items.
+               n_trees: int, index: ShardedIndex | None = None,
+               shards: int = 1) -> tuple[dict, dict, ShardedIndex | None]:
+    """Write the base segment: Annoy shards, vectors and items.
 
-    A given `index` must hold `vectors`; otherwise a new one is built.
+    A given `index` must hold `vectors`; otherwise `shards` new indexes are built.
 
     Returns:
         The manifest's ``base`` section, the new files' descriptions, and the index
         (None for an empty segment).
     """
     if not items:
-        return {"items": 0, "index": None, "vectors": None, "items_file": None}, {}, None
+        return {"items": 0, "shards": [], "vectors": None, "items_file": None}, {}, None
 
-    names = {"index": f"index-{generation:06d}.ann", "vectors": f"vectors-{generation:06d}.npy",
-             "items_file": f"items-{generation:06d}.json"}
-    index = index or build_annoy(vectors, n_trees)
-    temporary = folder / (names["index"] + ".tmp")
-    index.save(str(temporary))
-    storage.fsync_file(temporary)
-    temporary.replace(folder / names["index"])
+    index = index or ShardedIndex.build(vectors, n_trees, shards)
+    names = {"vectors": f"vectors-{generation:06d}.npy", "items_file": f"items-{generation:06d}.json"}
+    shard_entries = index.save(folder, generation)
     storage.write_npy(folder / names["vectors"], vectors)
     _write_items(folder / names["items_file"], items)
 
-    files = {name: storage.describe_file(folder / name) for name in names.values()}
-    return {"items": len(items), **names}, files, index
+    files = [entry["file"] for entry in shard_entries] + list(names.values())
+    described = {name: storage.describe_file(folder / name) for name in files}
+    return {"items": len(items), "shards": shard_entries, **names}, described, index
 
 
 def write_added(folder: Path, generation: int, vectors: np.ndarray, items: list[dict]) -> tuple[dict, dict]:
@@ -111,8 +186,8 @@ def _checked(folder: Path, manifest: dict, name: str) -> Path:
     return path
 
 
-def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], AnnoyIndex | None]:
-    """Open the base segment, checking sizes before Annoy memory-maps its file.
+def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], ShardedIndex | None]:
+    """Open the base segment, checking sizes before Annoy memory-maps its files.
 
     Raises:
         GalleryError: If a file is missing, has the wrong size or disagrees with the manifest.
@@ -123,16 +198,9 @@ def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], Ann
     if count == 0:
         return np.zeros((0, dim), dtype=np.float32), [], None
 
-    index_path = _checked(folder, manifest, section["index"])
     vectors = storage.read_npy(_checked(folder, manifest, section["vectors"]), (count, dim))
     items = _read_items(_checked(folder, manifest, section["items_file"]), count)
-
-    index = AnnoyIndex(dim, "angular")
-    if not index.load(str(index_path), prefault=False):
-        raise GalleryError(f"Annoy could not load {index_path}; rebuild the gallery")
-    if index.get_n_items() != count:
-        raise GalleryError(f"{index_path} has {index.get_n_items()} items, the manifest {count}")
-    return vectors, items, index
+    return vectors, items, ShardedIndex.load(folder, manifest)
 
 
 def load_added(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict]]:

@@ -61,7 +61,7 @@ def _manifest(folder):
 def test_manifest_records_model_and_files(vector_gallery):
     _, folder = vector_gallery
     manifest = _manifest(folder)
-    index = manifest["base"]["index"]
+    index = manifest["base"]["shards"][0]["file"]
     assert manifest["model"]["fingerprint"] == "f" * 64
     assert manifest["dim"] == 32
     assert manifest["base"]["items"] == 200
@@ -90,7 +90,7 @@ def test_existing_folder_is_not_overwritten(vector_gallery):
 
 def test_truncated_index_is_reported_not_crashed(vector_gallery):
     _, folder = vector_gallery
-    index = folder / _manifest(folder)["base"]["index"]
+    index = folder / _manifest(folder)["base"]["shards"][0]["file"]
     index.write_bytes(index.read_bytes()[:1000])
     with pytest.raises(GalleryError, match=f"{index.name} has 1000 bytes"):
         Gallery.open(folder)
@@ -151,3 +151,37 @@ def test_image_query_without_embedder_is_explained(vector_gallery, photos):
     _, folder = vector_gallery
     with pytest.raises(GalleryError, match="need an embedder"):
         Gallery.open(folder).search(photos["coffee"])
+
+
+def test_sharded_index_matches_single_index(tmp_path):
+    vectors = _random_unit(300, 24, seed=5)
+    ids = [f"v{i}" for i in range(300)]
+    single = Gallery.build(vectors, ids, model_fingerprint="0" * 64, n_trees=20)
+    sharded = Gallery.build(vectors, ids, model_fingerprint="0" * 64, n_trees=20, shards=3)
+    sharded.save(tmp_path / "sharded")
+    reopened = Gallery.open(tmp_path / "sharded")
+
+    manifest = _manifest(tmp_path / "sharded")
+    assert [entry["items"] for entry in manifest["base"]["shards"]] == [100, 100, 100]
+    assert reopened.shards == 3
+    queries = _random_unit(40, 24, seed=6)
+    for query in queries:
+        exact = [m.id for m in single.search_exact(query, k=5)]
+        assert [m.id for m in reopened.search(query, k=5, search_k=10_000)] == exact
+        assert [m.id for m in single.search(query, k=5, search_k=10_000)] == exact
+
+
+def test_compaction_keeps_the_shard_count(tmp_path):
+    vectors = _random_unit(60, 8, seed=8)
+    Gallery.build(vectors, [str(i) for i in range(60)], model_fingerprint="0" * 64,
+                  shards=2).save(tmp_path / "g")
+    gallery = Gallery.open(tmp_path / "g")
+    gallery.remove(["0", "1"])
+    gallery.compact()
+    assert len(_manifest(tmp_path / "g")["base"]["shards"]) == 2
+    assert Gallery.open(tmp_path / "g").search(vectors[5], k=1)[0].id == "5"
+
+
+def test_too_many_shards_is_rejected():
+    with pytest.raises(GalleryError, match="invalid shards 5"):
+        Gallery.build(_random_unit(3, 8), ["a", "b", "c"], model_fingerprint="0" * 64, shards=5)

@@ -196,7 +196,7 @@ def test_changed_bytes_fail_the_checksum(saved):
 
 def test_missing_index_file_is_reported(saved):
     _, folder = saved
-    (folder / _manifest(folder)["base"]["index"]).unlink()
+    (folder / _manifest(folder)["base"]["shards"][0]["file"]).unlink()
     assert any("missing" in problem for problem in verify(folder).problems)
     with pytest.raises(GalleryError, match="not found"):
         Gallery.open(folder)
