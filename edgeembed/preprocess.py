@@ -226,9 +226,10 @@ def crop_box(size: tuple[int, int], config: PreprocessConfig) -> tuple[float, fl
     scale = max(target_height / (height * config.crop_fraction), target_width / (width * config.crop_fraction))
     box_width = target_width / scale
     box_height = target_height / scale
-    left = (width - box_width) / 2.0
-    upper = (height - box_height) / 2.0
-    return left, upper, left + box_width, upper + box_height
+    # Clamp, because rounding can put an edge a hair outside the image and Pillow rejects that.
+    left = max(0.0, (width - box_width) / 2.0)
+    upper = max(0.0, (height - box_height) / 2.0)
+    return left, upper, min(float(width), left + box_width), min(float(height), upper + box_height)
 
 
 def prepare_pixels(image: Image.Image, config: PreprocessConfig) -> np.ndarray:

@@ -173,3 +173,12 @@ def test_list_images_recurses_and_survives_symlink_loops(tmp_path):
     assert names.count("one.png") == 1
     assert names.count("two.jpg") == 1
     assert "notes.txt" not in names
+
+
+def test_crop_box_stays_inside_odd_sizes():
+    for size in [(451, 300), (641, 427), (1, 1), (20000, 20), (999, 1001), (3, 7)]:
+        left, upper, right, lower = preprocess.crop_box(size, CONFIG)
+        assert left >= 0, size
+        assert upper >= 0, size
+        assert right <= size[0], size
+        assert lower <= size[1], size
