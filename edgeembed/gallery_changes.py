@@ -73,7 +73,7 @@ class GalleryChanges:
             paths: N source paths, or None.
             labels: N labels, or None.
             metadata: N dicts of free-form JSON values, or None.
-            auto_compact: Compact when `needs_compaction` says so after adding.
+            auto_compact: Compact after adding when `needs_compaction` returns True.
 
         Raises:
             GalleryError: If an id is already live or repeats, or sizes disagree.
@@ -84,9 +84,9 @@ class GalleryChanges:
             raise GalleryError(f"got {len(items)} ids for {len(unit)} vectors")
 
         def apply() -> bool:
-            taken = [item["id"] for item in items if item["id"] in self]
-            if taken or len({item["id"] for item in items}) != len(items):
-                raise GalleryError(f"ids already in the gallery or repeated: {taken[:5] or 'repeats'}; "
+            existing = [item["id"] for item in items if item["id"] in self]
+            if existing or len({item["id"] for item in items}) != len(items):
+                raise GalleryError(f"ids already in the gallery or repeated: {existing[:5] or 'repeats'}; "
                                    "remove them first or choose other ids")
             self._added_vectors = np.concatenate([self._added_vectors, unit])
             self._added_items = self._added_items + items

@@ -208,5 +208,5 @@ def read_npy(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise GalleryError(f"{path} is not a readable .npy file: {error}") from error
 
     if array.shape != shape or array.dtype != np.float32:
-        raise GalleryError(f"{path} holds {array.dtype} {array.shape}, expected float32 {shape}")
+        raise GalleryError(f"{path} contains {array.dtype} {array.shape}, expected float32 {shape}")
     return array
