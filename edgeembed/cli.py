@@ -22,6 +22,7 @@ from edgeembed.cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     add_common_options,
+    gallery_model,
     load_embedder,
     logger,
     progress_bar,
@@ -107,17 +108,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return report_failures(failures, len(paths), "embedded")
 
 
-def _gallery_model(args: argparse.Namespace) -> str | None:
-    """Return --model, else the model recorded in the gallery when that file still exists."""
-    if args.model:
-        return args.model
-    from edgeembed.gallery import MANIFEST, SCHEMA
-
-    manifest = storage.read_manifest(Path(args.gallery) / MANIFEST, SCHEMA)
-    recorded = manifest["model"].get("path")
-    return recorded if recorded and Path(recorded).is_file() else None
-
-
 def _print_matches(query: str, matches: list) -> None:
     print(f"query: {query}")
     print(f"  {'rank':>4}  {'score':>6}  {'id':40}  path")
@@ -129,7 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Search a gallery with query images."""
     from edgeembed.gallery import Gallery
 
-    embedder = load_embedder(args, _gallery_model(args))
+    embedder = load_embedder(args, gallery_model(args))
     gallery = Gallery.open(args.gallery, embedder)
     queries = list_images(args.queries)
     failures = []

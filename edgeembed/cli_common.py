@@ -39,6 +39,22 @@ def load_embedder(args: argparse.Namespace, model: str | None = None):
     return Embedder(model or args.model, num_threads=args.threads, backend=args.backend)
 
 
+def gallery_model(args: argparse.Namespace) -> str | None:
+    """Return --model, else the model that built the gallery when that file still exists.
+
+    None means the shipped default model.
+    """
+    if args.model:
+        return args.model
+
+    from edgeembed import storage
+    from edgeembed.gallery import MANIFEST, SCHEMA
+
+    manifest = storage.read_manifest(Path(args.gallery) / MANIFEST, SCHEMA)
+    recorded = manifest["model"].get("path")
+    return recorded if recorded and Path(recorded).is_file() else None
+
+
 def report_failures(failures: list[tuple[Path, str]], total: int, done: str) -> int:
     """Print the closing count of a batch and return its exit code (1 when any input failed)."""
     ok = total - len(failures)
