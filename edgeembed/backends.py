@@ -35,7 +35,7 @@ class Backend:
 BACKENDS = (
     Backend("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     Backend("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
-    Backend("tensorflow", "tensorflow.lite", "tensorflow"),
+    Backend("tensorflow", "tensorflow", "tensorflow"),
 )
 
 
@@ -53,6 +53,9 @@ def _find(name: str) -> Backend:
 
 def _import(backend: Backend) -> Any:
     module = importlib.import_module(backend.module)
+    if backend.name == "tensorflow":
+        # The package tensorflow.lite is not the tf.lite API, so go through tensorflow.
+        return module.lite.Interpreter
     return module.Interpreter
 
 
@@ -76,9 +79,10 @@ def load_interpreter_class(name: str | None = None) -> tuple[Backend, Any]:
         try:
             return backend, _import(backend)
         except ImportError as error:
+            alternative = f", or unset {ENV_VARIABLE}" if not name else ""
             raise BackendError(
                 f"backend {backend.name!r} is not importable ({error}); "
-                f"pip install {backend.package}, or unset {ENV_VARIABLE}"
+                f"pip install {backend.package}{alternative}"
             ) from error
 
     failures = []

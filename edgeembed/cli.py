@@ -22,14 +22,17 @@ from edgeembed.cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     add_common_options,
+    find_images,
     gallery_model,
     load_embedder,
     logger,
+    positive_int,
     progress_bar,
     report_failures,
+    search_k,
 )
 from edgeembed.model import ModelError
-from edgeembed.preprocess import ImageError, list_images
+from edgeembed.preprocess import ImageError
 from edgeembed.storage import GalleryError
 
 # Other command modules call this name to add the shared options.
@@ -40,6 +43,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's tensors, preprocessing, provenance and op counts."""
     from edgeembed.backends import backend_version
 
+    if args.model_path and args.model and args.model_path != args.model:
+        logger.error("give the model once, as MODEL or --model, not both (%s and %s)", args.model_path, args.model)
+        return EXIT_USAGE
     embedder = load_embedder(args, args.model_path or args.model)
     meta = embedder.metadata
     info = {
@@ -83,7 +89,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     ids_path = out.with_suffix(".ids.txt")
 
-    paths = list_images(args.inputs)
+    paths = find_images(args.inputs)
+    if not paths:
+        return EXIT_FAILED
     embedder = load_embedder(args)
     vectors, kept, failures = [], [], []
     with progress_bar(len(paths), "embedding") as bar:
@@ -121,7 +129,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     embedder = load_embedder(args, gallery_model(args))
     gallery = Gallery.open(args.gallery, embedder)
-    queries = list_images(args.queries)
+    queries = find_images(args.queries)
+    if not queries:
+        return EXIT_FAILED
     failures = []
     for query in queries:
         try:
@@ -168,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_index.configure_parser(index)
 
     search = commands.add_parser("search", help="find the gallery items most similar to query images")
-    search.add_argument("gallery", metavar="GALLERY_DIR")
+    search.add_argument("gallery", metavar="GALLERY_DIR", help="gallery folder written by index build")
     search.add_argument("queries", nargs="+", metavar="QUERY_IMAGE", help="images or folders")
-    search.add_argument("-k", type=int, default=5, help="matches per query (default: 5)")
-    search.add_argument("--search-k", type=int, default=-1, metavar="N",
+    search.add_argument("-k", type=positive_int, default=5, help="matches per query (default: 5)")
+    search.add_argument("--search-k", type=search_k, default=-1, metavar="N",
                         help="Annoy nodes to inspect per query; -1 means trees x k (default: -1)")
     search.add_argument("--exact", action="store_true", help="search all stored vectors instead of Annoy")
     search.add_argument("--json", action="store_true",

@@ -162,6 +162,7 @@ class Embedder:
 
         self.metadata = self._resolve_metadata(data, path, preprocess)
         self._check_input_shape()
+        self._identity_input = False
         self._table = self._build_table()
         self._lock = threading.Lock()
         logger.info("loaded %s (%s input, %d-d output, preprocessing from %s)", path,
@@ -215,12 +216,22 @@ class Embedder:
                              f"preprocessing input size {expected} with 3 channels")
 
     def _build_table(self) -> np.ndarray | None:
+        """Return the pixel-to-input lookup table, or None when inputs need no mapping.
+
+        None means a float input (normalised instead) or an integer input whose table
+        maps every pixel to itself, as for uint8 inputs covering [-1, 1] with zero
+        point 127, where the gather would only cost time.
+        """
         if self.input.dtype not in ("uint8", "int8"):
             return None
         if self.input.scale <= 0:
             raise ModelError(f"{self.model_path}: integer input without quantisation parameters")
-        return preprocess.quantization_table(self.preprocess, np.dtype(self.input.dtype),
-                                             self.input.scale, self.input.zero_point)
+
+        table = preprocess.quantization_table(self.preprocess, np.dtype(self.input.dtype),
+                                              self.input.scale, self.input.zero_point)
+        self._identity_input = self.input.dtype == "uint8" and bool(
+            np.array_equal(table, np.broadcast_to(np.arange(256), table.shape)))
+        return None if self._identity_input else table
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -251,7 +262,9 @@ class Embedder:
 
     def input_tensor(self, pixels: np.ndarray) -> np.ndarray:
         """Convert prepared uint8 pixels into the model's input tensor (batch of one)."""
-        if self._table is not None:
+        if self._identity_input:
+            values = pixels
+        elif self._table is not None:
             values = preprocess.apply_table(pixels, self._table)
         else:
             values = preprocess.to_float(pixels, self.preprocess).astype(self.input.dtype)

@@ -246,7 +246,9 @@ class Gallery(GalleryChanges):
 
     # Searching
 
-    def _query_vector(self, query: ImageInput | np.ndarray) -> np.ndarray:
+    def _query_vector(self, query: ImageInput | np.ndarray, k: int) -> np.ndarray:
+        if k < 1:
+            raise GalleryError(f"invalid k {k}: ask for 1 or more matches")
         if isinstance(query, np.ndarray) and query.ndim == 1:
             vector = query.astype(np.float32)
         elif self.embedder is None:
@@ -293,7 +295,7 @@ class Gallery(GalleryChanges):
             GalleryError: For image queries without an embedder, or a wrong vector size.
             ImageError: If an image query cannot be decoded.
         """
-        vector = self._query_vector(query)
+        vector = self._query_vector(query, k)
         candidates = self._added_candidates(vector, k)
         if self._index is not None:
             # Removed items still sit in the index, so ask for enough extra neighbours.
@@ -307,7 +309,7 @@ class Gallery(GalleryChanges):
 
     def search_exact(self, query: ImageInput | np.ndarray, k: int = 5) -> list[Match]:
         """Find the k most similar live items by brute force over the stored vectors."""
-        vector = self._query_vector(query)
+        vector = self._query_vector(query, k)
         candidates = self._added_candidates(vector, k)
         if self._base_items:
             scores = np.asarray(self._base_vectors @ vector)

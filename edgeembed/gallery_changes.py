@@ -159,7 +159,13 @@ class GalleryChanges:
 
         Args:
             n_trees: Trees for the new index; None keeps the current number.
+
+        Raises:
+            GalleryError: If `n_trees` is below 1.
         """
+        if n_trees is not None and n_trees < 1:
+            raise GalleryError(f"invalid n_trees {n_trees}: use 1 or more")
+
         def apply() -> bool:
             live = [row for row, item in enumerate(self._base_items) if item["id"] not in self._removed]
             vectors = np.concatenate([np.asarray(self._base_vectors[live]), self._added_vectors])

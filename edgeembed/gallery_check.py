@@ -137,7 +137,8 @@ def format_stats(values: dict) -> str:
 
 def format_verify(folder: Path, result: VerifyResult) -> str:
     """Render a `VerifyResult` as lines for a terminal."""
-    lines = [f"{folder}: {'ok' if result.ok else f'{len(result.problems)} problems'}"]
+    count = len(result.problems)
+    lines = [f"{folder}: {'ok' if result.ok else f'{count} problem' + ('s' if count > 1 else '')}"]
     lines += [f"  problem: {problem}" for problem in result.problems]
     lines += [f"  leftover (harmless): {name}" for name in result.leftovers]
     return "\n".join(lines)

@@ -180,7 +180,6 @@ def load_image(source: ImageInput, config: PreprocessConfig | None = None) -> Im
     Raises:
         ImageError: If the input cannot be read or decoded; the message names it.
     """
-    name = describe_source(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -189,6 +188,14 @@ def load_image(source: ImageInput, config: PreprocessConfig | None = None) -> Im
             return to_rgb(image)
     except ImageError:
         raise
+    except Exception as error:  # noqa: BLE001 - named once here, re-raised as ImageError below
+        return _raise_image_error(describe_source(source), error)
+
+
+def _raise_image_error(name: str, error: Exception) -> Image.Image:
+    """Re-raise a decoding failure as an ImageError with a one-line reason."""
+    try:
+        raise error
     except FileNotFoundError:
         raise ImageError(name, "file not found") from None
     except IsADirectoryError:
@@ -294,6 +301,8 @@ def quantization_table(config: PreprocessConfig, dtype: np.dtype, scale: float, 
 
 def apply_table(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Map (H, W, 3) uint8 pixels through a (3, 256) table from `quantization_table`."""
+    if (table[0] == table[1]).all() and (table[0] == table[2]).all():
+        return table[0][pixels]  # one flat gather is faster than the per-channel one
     channels = np.arange(3).reshape(1, 1, 3)
     return table[channels, pixels]
 

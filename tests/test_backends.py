@@ -61,3 +61,22 @@ def test_thread_counts_give_the_same_embedding(photos):
     one = Embedder(num_threads=1)
     two = Embedder(num_threads=2)
     assert one.embed(photos["coffee"]) == pytest.approx(two.embed(photos["coffee"]), abs=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
+def test_tensorflow_backend_embeds_like_litert(photos):
+    from edgeembed import Embedder
+
+    litert = Embedder(backend="litert")
+    tensorflow = Embedder(backend="tensorflow")
+    assert tensorflow.backend.name == "tensorflow"
+    assert tensorflow.embed(photos["coffee"]) == pytest.approx(litert.embed(photos["coffee"]), abs=1e-5)
+
+
+def test_option_error_does_not_mention_environment(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VARIABLE, raising=False)
+    if importlib.util.find_spec("tflite_runtime") is not None:
+        pytest.skip("tflite-runtime is installed here, so it cannot be missing")
+    with pytest.raises(BackendError) as caught:
+        backends.load_interpreter_class("tflite-runtime")
+    assert backends.ENV_VARIABLE not in str(caught.value)

@@ -155,7 +155,7 @@ def test_index_verify_lists_problems(gallery_dir, tmp_path):
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / manifest["base"]["vectors"]).write_bytes(b"\x93NUMPY")
     result = run_cli("index", "verify", broken, check_code=1)
-    assert "1 problems" in result.stdout
+    assert result.stdout.splitlines()[0] == f"{broken}: 1 problem"
     assert manifest["base"]["vectors"] in result.stdout
 
 
@@ -166,3 +166,32 @@ def test_index_add_skips_known_ids(gallery_dir, photo_dir, tmp_path):
     shutil.copytree(gallery_dir, copy)
     result = run_cli("index", "add", copy, photo_dir / "coffee.jpg", check_code=1)
     assert "id 'coffee.jpg' is already in the gallery" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "GALLERY", "QUERY", "-k", "0"], "argument -k: invalid value 0: use 1 or more"),
+    (["search", "GALLERY", "QUERY", "--search-k", "0"], "invalid search_k '0'"),
+    (["index", "build", "PHOTOS", "--out", "OUT", "--trees", "-1"], "argument --trees: invalid value -1"),
+    (["index", "compact", "GALLERY", "--trees", "-5"], "argument --trees: invalid value -5"),
+    (["info", "--threads", "0"], "argument --threads: invalid value 0"),
+])
+def test_invalid_numbers_exit_2(args, message, gallery_dir, photo_dir, tmp_path):
+    names = {"GALLERY": gallery_dir, "QUERY": photo_dir / "coffee.jpg", "PHOTOS": photo_dir, "OUT": tmp_path / "o"}
+    result = run_cli(*[names.get(a, a) for a in args], check_code=2)
+    assert message in result.stderr
+
+
+def test_empty_folder_is_reported(tmp_path, gallery_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (["embed", empty, "--out", tmp_path / "v.npy"], ["index", "build", empty, "--out", tmp_path / "g"],
+                 ["search", gallery_dir, empty]):
+        result = run_cli(*args, check_code=1)
+        assert "no image files (.bmp, " in result.stderr
+        assert str(empty) in result.stderr
+
+
+def test_info_rejects_two_models(shared_assets):
+    model = shared_assets / "models" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+    result = run_cli("info", model, "--model", model.with_name("mobilenet_v2_1.0_224_quant.tflite"), check_code=2)
+    assert "give the model once" in result.stderr

@@ -241,3 +241,15 @@ def test_killed_writer_never_loses_acknowledged_items(saved):
         gallery = Gallery.open(folder)
         lost = [item_id for item_id in acknowledged if item_id not in gallery]
         assert lost == [], f"trial {trial}"
+
+
+def test_compact_rejects_invalid_trees(saved):
+    _, folder = saved
+    with pytest.raises(GalleryError, match="invalid n_trees -5"):
+        Gallery.open(folder).compact(n_trees=-5)
+
+
+def test_search_rejects_k_below_one(saved):
+    vectors, folder = saved
+    with pytest.raises(GalleryError, match="invalid k 0"):
+        Gallery.open(folder).search(vectors[0], k=0)
