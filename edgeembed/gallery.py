@@ -120,7 +120,7 @@ class Gallery(GalleryChanges):
     @classmethod
     def from_images(cls, images: Sequence[str | Path], embedder: Embedder, *,
                     ids: Sequence[str] | None = None, labels: Sequence[str | None] | None = None,
-                    n_trees: int = DEFAULT_TREES,
+                    n_trees: int = DEFAULT_TREES, shards: int = 1,
                     progress: Callable[[Path], None] | None = None) -> tuple[Gallery, list[tuple[Path, str]]]:
         """Embed image files and build a gallery from those that decode.
 
@@ -130,6 +130,7 @@ class Gallery(GalleryChanges):
             ids: One id per image; defaults to the path as given.
             labels: One label per image, or None.
             n_trees: Annoy trees.
+            shards: Number of Annoy indexes, as for `build`.
             progress: Optional callable run with each finished path, for progress bars.
 
         Returns:
@@ -145,7 +146,7 @@ class Gallery(GalleryChanges):
         gallery = cls.build(vectors, [i["id"] for i in items], [i["path"] for i in items],
                             labels=[i.get("label") for i in items],
                             model_fingerprint=embedder.fingerprint, model_path=str(embedder.model_path),
-                            n_trees=n_trees, embedder=embedder)
+                            n_trees=n_trees, embedder=embedder, shards=min(shards, len(items)))
         return gallery, failures
 
     def _set_base(self, vectors: np.ndarray, items: list[dict]) -> None:

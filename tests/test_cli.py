@@ -195,3 +195,11 @@ def test_info_rejects_two_models(shared_assets):
     model = shared_assets / "models" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
     result = run_cli("info", model, "--model", model.with_name("mobilenet_v2_1.0_224_quant.tflite"), check_code=2)
     assert "give the model once" in result.stderr
+
+
+def test_index_build_with_shards_locally(photo_dir, tmp_path):
+    run_cli("index", "build", photo_dir, "--out", tmp_path / "g", "--shards", "3")
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert len(manifest["base"]["shards"]) == 3
+    found = json.loads(run_cli("search", tmp_path / "g", photo_dir / "moon.jpg", "-k", "1", "--json").stdout)
+    assert found["matches"][0]["id"] == "moon.jpg"
