@@ -14,6 +14,7 @@ from edgeembed.cli_common import (
     EXIT_USAGE,
     add_common_options,
     find_images,
+    gallery_model,
     load_embedder,
     logger,
     positive_int,
@@ -166,9 +167,7 @@ def _open_with_model(args: argparse.Namespace):
     from edgeembed.gallery import Gallery
 
     gallery = Gallery.open(args.gallery)
-    model = args.model or (gallery.model_path if gallery.model_path and Path(gallery.model_path).is_file()
-                           else None)
-    gallery.attach(load_embedder(args, model))
+    gallery.attach(load_embedder(args, gallery_model(args)))
     return gallery
 
 
