@@ -40,6 +40,7 @@ from edgeembed.distributed_shards import (
     SourceFiles,
     StagingPlan,
     is_uri,
+    list_uri,  # noqa: F401  (part of this module's API: cli_index calls distributed.list_uri)
     read_chunk,
     staging_folder,
 )
