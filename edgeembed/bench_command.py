@@ -19,19 +19,9 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgeembed.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, positive_int
+
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}; use a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {value}; use 1 or more")
-    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -77,7 +67,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="folder of real photos (searched recursively); required unless --merge")
     parser.add_argument("--reference-photo", metavar="FILE",
                         help="photo to make the 0.3 MP and 12 MP JPEGs from (default: the largest in --photos)")
-    parser.add_argument("--runs", type=_positive, default=100, metavar="N",
+    parser.add_argument("--runs", type=positive_int, default=100, metavar="N",
                         help="timed runs per latency figure (default: 100)")
     parser.add_argument("--warmup", type=int, default=10, metavar="N",
                         help="untimed runs before each latency figure (default: 10)")
@@ -92,13 +82,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-k", type=_int_list, default=[-1, 2000, 5000, 10000, 20000, 30000], metavar="LIST",
                         help="Annoy search_k values per index; -1 is n_trees x k. Write --search-k=-1,2000 "
                              "so that the leading minus is not read as an option (default: -1,2000,5000,10000,20000,30000)")
-    parser.add_argument("--queries", type=_positive, default=100, metavar="N",
+    parser.add_argument("--queries", type=positive_int, default=100, metavar="N",
                         help="queries per gallery (default: 100)")
-    parser.add_argument("--real-images", type=_positive, default=800, metavar="N",
+    parser.add_argument("--real-images", type=positive_int, default=800, metavar="N",
                         help="photos to embed for the gallery's real embeddings (default: 800)")
-    parser.add_argument("--folder-images", type=_positive, default=48, metavar="N",
+    parser.add_argument("--folder-images", type=positive_int, default=48, metavar="N",
                         help="photos in the throughput folder (default: 48)")
-    parser.add_argument("--cold-runs", type=_positive, default=3, metavar="N",
+    parser.add_argument("--cold-runs", type=positive_int, default=3, metavar="N",
                         help="fresh processes for the cold start (default: 3)")
     parser.add_argument("--peers", type=_name_list(PEERS), default=list(PEERS), metavar="LIST",
                         help="peer runtimes: pytorch,onnxruntime or none (default: both, where installed)")

@@ -10,7 +10,6 @@ TensorFlow's NHWC layouts.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import logging
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgeembed.storage import sha256_file  # noqa: F401  (the toolchain modules import it from here)
 
 from edgeembed.toolchain.architecture import (
     BATCH_NORM_EPSILON,
@@ -97,15 +98,6 @@ class FoldedWeights:
     stem: FoldedConv
     blocks: tuple[FoldedBlock, ...]
     head: FoldedConv
-
-
-def sha256_file(path: str | Path) -> str:
-    """Return the SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def imagenet_weights_path(backbone: str) -> Path:
