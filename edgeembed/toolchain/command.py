@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 
 from edgeembed.toolchain import sources
+from edgeembed.toolchain.head import LOSSES, HeadRequest, HeadTrainingOptions
+from edgeembed.toolchain.pooling import DEFAULT_GEM_P, POOLINGS, PoolingOptions, parse_layers
 from edgeembed.toolchain.sources import GRAPH_BACKBONES, KERAS_BACKBONES
 
 logger = logging.getLogger(__name__)
@@ -91,14 +93,56 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     # options can share this one --layer instead of defining a second.
     parser.add_argument("--layer", metavar="NAME",
                         help="with --from-keras: the layer whose output becomes the embedding "
-                             "(a feature map is averaged over height and width)")
+                             "(a feature map is averaged over height and width); with "
+                             "efficientnet_liteN: the layers to pool, e.g. 'block5' or "
+                             "'head,block11,block0:0.8', which concatenates the unit-length pooled "
+                             "vectors scaled by the weights after ':' (default: head)")
     sources.add_arguments(parser)
+    _add_pooling_arguments(parser)
+
+
+def _add_pooling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pooling and trained head (efficientnet_liteN only)")
+    group.add_argument("--pooling", choices=POOLINGS,
+                       help="how feature maps become the embedding: average, generalised mean (GeM) "
+                            "or max over height and width (default: avg)")
+    group.add_argument("--gem-p", type=float, metavar="P",
+                       help=f"GeM exponent, 1 or more (default: {DEFAULT_GEM_P:g})")
+    group.add_argument("--train-head", type=Path, metavar="LABELLED_DIR",
+                       help="train a linear projection to --dim dimensions on the float features of "
+                            "these photos (one sub-folder per class) and put it into the model")
+    group.add_argument("--loss", choices=LOSSES,
+                       help="metric-learning loss of --train-head (default: supcon)")
+
+
+def _pooling_problem(args: argparse.Namespace) -> str | None:
+    """Return why the pooling and head options do not fit the other arguments, or None."""
+    given = [option for option, value in (("--pooling", args.pooling), ("--gem-p", args.gem_p),
+                                          ("--train-head", args.train_head), ("--loss", args.loss))
+             if value is not None]
+    if given and sources.source_kind(args) != sources.EFFICIENTNET:
+        return f"{given[0]} applies to efficientnet_liteN backbones only"
+    if args.gem_p is not None and args.pooling != "gem":
+        return "--gem-p needs --pooling gem"
+    if args.gem_p is not None and not args.gem_p >= 1.0:
+        return f"invalid --gem-p {args.gem_p}: it must be 1 or more"
+    if args.train_head is not None and args.dim is None:
+        return "--train-head needs --dim D, the output dimension of the trained head"
+    if args.loss is not None and args.train_head is None:
+        return "--loss needs --train-head LABELLED_DIR"
+    if args.layer and sources.source_kind(args) == sources.EFFICIENTNET:
+        try:
+            parse_layers(args.layer)
+        except ValueError as error:
+            return str(error)
+    return None
 
 
 def _build(args: argparse.Namespace):
     from edgeembed.toolchain.convert import ConvertOptions
     from edgeembed.toolchain.images import folder_images
     from edgeembed.toolchain.pipeline import BuildRequest, build_model
+    from edgeembed.toolchain.projection import HeadOptions
 
     if args.from_tflite is not None:
         return sources.cut_classifier(args)
@@ -127,7 +171,20 @@ def _build(args: argparse.Namespace):
     )
     if sources.uses_graph_pipeline(args):
         return sources.build_graph(args, request)
+
+    request.pooling = _pooling_options(args)
+    request.projection = HeadOptions(dim=None if args.train_head else args.dim, l2_normalize=args.l2_normalize)
+    if args.train_head is not None:
+        request.head = HeadRequest(args.train_head, HeadTrainingOptions(dim=args.dim, loss=args.loss or "supcon"))
     return build_model(request)
+
+
+def _pooling_options(args: argparse.Namespace) -> PoolingOptions:
+    return PoolingOptions(
+        method=args.pooling or "avg",
+        p=DEFAULT_GEM_P if args.gem_p is None else args.gem_p,
+        layers=parse_layers(args.layer or "head"),
+    )
 
 
 def _write_report(result, path: Path) -> None:
@@ -151,6 +208,13 @@ def _summary(result) -> str:
                      f"min {cosine['min']:.4f}; top-{result.fidelity.k} agreement "
                      f"{'n/a' if agreement is None else f'{agreement:.3f}'}; "
                      f"latency {result.fidelity.latency_ms:.1f} ms")
+    head = result.metadata.provenance.get("head")
+    if head is not None and head["projection"].get("method") == "trained":
+        held_out = head["projection"]["held_out"]
+        before, after = held_out["before"], held_out["after"]
+        lines.append(f"trained head on {held_out['n_images']} held-out photos: "
+                     f"mAP {before['mAP']:.3f} -> {after['mAP']:.3f}, "
+                     f"recall@1 {before['recall@1']:.3f} -> {after['recall@1']:.3f}")
     return "\n".join(lines)
 
 
@@ -164,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         0 on success, 1 when the build failed, 2 for options that do not fit together
         or when the toolchain extra is missing.
     """
-    problem = sources.argument_problem(args)
+    problem = sources.argument_problem(args) or _pooling_problem(args)
     if problem is not None:
         logger.error("convert: %s", problem)
         return EXIT_BAD_ARGUMENTS

@@ -1,11 +1,12 @@
 """EfficientNet-Lite0..4 feature extractors in TensorFlow, for TFLite conversion.
 
 The model is a `tf.Module` whose `__call__` is a `tf.function` with a fixed
-(1, height, width, 3) float32 input signature, RGB scaled to [-1, 1]. It returns the
-1280 globally average-pooled features of the head convolution, without the
-classifier. Batch norms are folded into the convolutions (see
-`edgeembed.toolchain.weights.fold_weights`), so the graph contains only
-convolutions with bias, ReLU6, additions and one mean. Convolutions use TensorFlow
+(1, height, width, 3) float32 input signature, RGB scaled to [-1, 1]. By default it
+returns the 1280 globally average-pooled features of the head convolution, without
+the classifier. `edgeembed.toolchain.pooling.PoolingOptions` selects GeM or max
+pooling and other layers, or several layers concatenated. Batch norms are folded into
+the convolutions (see `edgeembed.toolchain.weights.fold_weights`), so the backbone
+contains only convolutions with bias, ReLU6 and additions. Convolutions use TensorFlow
 "SAME" padding, which pads the same rows and columns as the static same padding of
 ``efficientnet_lite_pytorch``.
 
@@ -19,8 +20,12 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from edgeembed.toolchain.architecture import BackboneSpec, block_specs
+from edgeembed.toolchain.architecture import HEAD_FILTERS, STEM_FILTERS, BackboneSpec, block_specs
+from edgeembed.toolchain.pooling import SCOPE, PoolingOptions, pool_layers
 from edgeembed.toolchain.weights import FoldedConv, FoldedWeights
+
+# A feature-map tap: layer name -> activation tensor, filled during the forward pass.
+Taps = dict[str, tf.Tensor]
 
 
 class _Conv(tf.Module):
@@ -47,39 +52,51 @@ class _Conv(tf.Module):
 class _Block(tf.Module):
     """One MBConv block: optional 1x1 expansion, depthwise, 1x1 projection, residual."""
 
-    def __init__(self, expand: _Conv | None, depthwise: _Conv, project: _Conv, residual: bool) -> None:
+    def __init__(self, expand: _Conv | None, depthwise: _Conv, project: _Conv, residual: bool, name: str) -> None:
         super().__init__()
         self.expand = expand
         self.depthwise = depthwise
         self.project = project
         self.residual = residual
+        self.block_name = name
 
-    def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
+    def __call__(self, inputs: tf.Tensor, taps: Taps | None = None) -> tf.Tensor:
+        taps = {} if taps is None else taps
         x = inputs
         if self.expand is not None:
             x = tf.nn.relu6(self.expand(x))
+            taps[self.expand.name] = x
         x = tf.nn.relu6(self.depthwise(x))
+        taps[self.depthwise.name] = x
 
         # The projection is linear: no activation before the residual addition.
         x = self.project(x)
         if self.residual:
             x = x + inputs
+        taps[self.block_name] = x
         return x
 
 
 class EfficientNetLiteFeatures(tf.Module):
-    """EfficientNet-Lite backbone that returns average-pooled 1280-float features.
+    """EfficientNet-Lite backbone that returns pooled features, average-pooled head ones by default.
 
     Args:
         spec: The backbone scaling.
         weights: Folded weights for that backbone.
         input_size: Input (height, width). Defaults to the backbone's native size.
+        pooling: Pooling method and feature layers. Defaults to average pooling of
+            the head convolution (1280 features).
+
+    Raises:
+        ValueError: If a pooling layer is not one of `feature_layers`.
     """
 
-    def __init__(self, spec: BackboneSpec, weights: FoldedWeights, input_size: tuple[int, int] | None = None) -> None:
+    def __init__(self, spec: BackboneSpec, weights: FoldedWeights, input_size: tuple[int, int] | None = None,
+                 pooling: PoolingOptions | None = None) -> None:
         super().__init__(name=spec.name)
         self.spec = spec
         self.input_size = input_size or (spec.image_size, spec.image_size)
+        self.pooling = pooling or PoolingOptions()
 
         self.stem = _Conv(weights.stem, stride=2, depthwise=False, name="stem")
         self.blocks = []
@@ -92,8 +109,11 @@ class EfficientNetLiteFeatures(tf.Module):
                 depthwise=_Conv(folded.depthwise, block.stride, depthwise=True, name=f"block{block.index}_depthwise"),
                 project=_Conv(folded.project, 1, depthwise=False, name=f"block{block.index}_project"),
                 residual=block.has_residual,
+                name=f"block{block.index}",
             ))
         self.head = _Conv(weights.head, stride=1, depthwise=False, name="head")
+        self._widths = self._feature_widths(spec)
+        self._check_layers()
 
         height, width = self.input_size
         self._call = tf.function(
@@ -101,12 +121,65 @@ class EfficientNetLiteFeatures(tf.Module):
             input_signature=[tf.TensorSpec((1, height, width, 3), tf.float32, name="image")],
         )
 
+    @staticmethod
+    def _feature_widths(spec: BackboneSpec) -> dict[str, int]:
+        widths = {"stem": STEM_FILTERS}
+        for block in block_specs(spec):
+            if block.expand_ratio != 1:
+                widths[f"block{block.index}_expand"] = block.expanded_filters
+            widths[f"block{block.index}_depthwise"] = block.expanded_filters
+            widths[f"block{block.index}"] = block.output_filters
+        widths["head"] = HEAD_FILTERS
+        return widths
+
+    def _check_layers(self) -> None:
+        unknown = [layer.name for layer in self.pooling.layers if layer.name not in self._widths]
+        if unknown:
+            raise ValueError(
+                f"unknown feature layers {unknown}; valid names are stem, head, block<i> (the block output) "
+                f"and block<i>_expand, block<i>_depthwise (their ReLU6 activations) for blocks 0 to "
+                f"{len(self.blocks) - 1} (block0 has no expand)"
+            )
+
+    def feature_layers(self) -> list[str]:
+        """List the layers whose activations can be pooled, in network order.
+
+        ``stem``, ``block<i>_expand`` and ``block<i>_depthwise`` are ReLU6 activations,
+        ``block<i>`` is the linear block output after the residual addition, and
+        ``head`` is the ReLU6 activation of the 1x1 head convolution.
+        """
+        return list(self._widths)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the output vector: the summed widths of the pooled layers."""
+        return sum(self._widths[layer.name] for layer in self.pooling.layers)
+
+    def _last_block_needed(self) -> int:
+        """Index of the last block to run; ``len(blocks)`` when the head is needed."""
+        last = -1
+        for layer in self.pooling.layers:
+            if layer.name == "head":
+                return len(self.blocks)
+            if layer.name.startswith("block"):
+                last = max(last, int(layer.name[len("block"):].split("_")[0]))
+        return last
+
     def _features(self, image: tf.Tensor) -> tf.Tensor:
+        taps: Taps = {}
         x = tf.nn.relu6(self.stem(image))
-        for block in self.blocks:
-            x = block(x)
-        x = tf.nn.relu6(self.head(x))
-        return tf.reduce_mean(x, axis=[1, 2], name="embedding")
+        taps["stem"] = x
+
+        # Layers after the last pooled one are not built, so --layer block5 yields a smaller graph.
+        last = self._last_block_needed()
+        for block in self.blocks[:last + 1]:
+            x = block(x, taps)
+        if last == len(self.blocks):
+            taps["head"] = tf.nn.relu6(self.head(x))
+
+        with tf.name_scope(SCOPE):
+            embedding = pool_layers([taps[layer.name] for layer in self.pooling.layers], self.pooling)
+        return tf.identity(embedding, name="embedding")
 
     def __call__(self, image: tf.Tensor | np.ndarray) -> tf.Tensor:
         """Compute the pooled features of one image.
@@ -115,16 +188,20 @@ class EfficientNetLiteFeatures(tf.Module):
             image: Float32 array of shape (1, height, width, 3), RGB in [-1, 1].
 
         Returns:
-            A (1, 1280) float32 tensor.
+            A (1, `embedding_dim`) float32 tensor.
         """
         return self._call(tf.convert_to_tensor(image, tf.float32))
 
     def layer_names(self) -> list[str]:
-        """List the convolution names in network order: ``stem``, ``block0_depthwise``, ..., ``head``."""
+        """List the names that `ConvertOptions.float_layers` accepts, in network order.
+
+        They are the convolutions (``stem``, ``block0_depthwise``, ..., ``head``) and
+        ``pooling``, the ops after the last convolution.
+        """
         names = ["stem"]
         for block in self.blocks:
             names += [conv.name for conv in (block.expand, block.depthwise, block.project) if conv is not None]
-        return names + ["head"]
+        return names + ["head", SCOPE]
 
     def concrete_function(self) -> Callable:
         """Return the traced function that `tf.lite.TFLiteConverter` converts."""
@@ -137,6 +214,6 @@ class EfficientNetLiteFeatures(tf.Module):
             images: Float32 array (N, height, width, 3) in [-1, 1].
 
         Returns:
-            Float32 array (N, 1280).
+            Float32 array (N, `embedding_dim`).
         """
         return np.concatenate([self(image[None]).numpy() for image in images], axis=0)

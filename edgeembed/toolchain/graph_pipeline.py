@@ -12,39 +12,16 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
-
-from edgeembed.model import ModelMetadata, PreprocessConfig
+from edgeembed.model import ModelMetadata
 from edgeembed.toolchain.convert import convert
 from edgeembed.toolchain.extractor import GraphSource
-from edgeembed.toolchain.fidelity import FidelityReport, TFLiteEmbedder, evaluate
-from edgeembed.toolchain.images import ImageSet, float_inputs, load_pixels, spread_sample
+from edgeembed.toolchain.images import float_inputs
 from edgeembed.toolchain.metadata import embed_metadata
-from edgeembed.toolchain.pipeline import BuildRequest, BuildResult, _provenance
+from edgeembed.toolchain.pipeline import BuildRequest, BuildResult, load_calibration, measure_fidelity, provenance_record
 from edgeembed.toolchain.projection import HeadOptions, attach_head
 from edgeembed.toolchain.weights import LoadedWeights
 
 logger = logging.getLogger(__name__)
-
-
-def load_calibration(request: BuildRequest, config: PreprocessConfig,
-                     needed: bool) -> tuple[np.ndarray | None, ImageSet | None]:
-    """Decode the calibration photos, capped at ``calib_max``, when int8 or the PCA head needs them.
-
-    Returns:
-        The uint8 pixels and the photos that decoded, or (None, None) when not needed.
-
-    Raises:
-        ValueError: If they are needed and no calibration photos were given.
-    """
-    if not needed:
-        return None, None
-    if request.calibration is None:
-        raise ValueError("int8 quantisation and --dim need calibration photos; pass --calib IMAGE_DIR")
-
-    chosen = spread_sample(list(request.calibration.paths), request.options.calib_max)
-    pixels, loaded = load_pixels(chosen, config, "calibration")
-    return pixels, ImageSet(tuple(loaded), request.calibration.root, request.calibration.description)
 
 
 def resolve_float_layers(model, requested: tuple[str, ...], backbone: str) -> tuple[str, ...]:
@@ -72,19 +49,6 @@ def resolve_float_layers(model, requested: tuple[str, ...], backbone: str) -> tu
             raise ValueError(f"float layer {name!r} {problem} of {backbone}; its convolutions are: {valid}")
         resolved.append(matches[0])
     return tuple(resolved)
-
-
-def measure_fidelity(model, request: BuildRequest, config: PreprocessConfig,
-                     model_bytes: bytes) -> FidelityReport | None:
-    """Compare the float graph with the converted model on the evaluation photos, if any."""
-    if request.evaluation is None:
-        return None
-
-    pixels, _ = load_pixels(request.evaluation.paths, config, "evaluation")
-    embedder = TFLiteEmbedder(model_bytes, config, num_threads=request.latency_threads)
-    fidelity = evaluate(lambda image: model(image).numpy(), embedder, pixels)
-    fidelity.extra["evaluation"] = request.evaluation.provenance()
-    return fidelity
 
 
 def build_graph_model(source: GraphSource, request: BuildRequest, head: HeadOptions | None = None) -> BuildResult:
@@ -119,7 +83,7 @@ def build_graph_model(source: GraphSource, request: BuildRequest, head: HeadOpti
 
     weights = LoadedWeights(state_dict={}, path=None, description=source.weights_description,
                             sha256=source.weights_sha256)
-    provenance = _provenance(dataclasses.replace(request, backbone=source.backbone), weights, calibration)
+    provenance = provenance_record(dataclasses.replace(request, backbone=source.backbone), weights, calibration)
     provenance["variant"] = source.details
     if head.changes_graph:
         provenance["head"] = model.record()
@@ -142,6 +106,6 @@ def build_graph_model(source: GraphSource, request: BuildRequest, head: HeadOpti
         size_bytes=len(model_bytes),
         metadata=metadata,
         parity=None,
-        fidelity=measure_fidelity(model, request, config, model_bytes),
+        fidelity=measure_fidelity(model, request, config, model_bytes)[0],
         seconds=time.perf_counter() - started,
     )

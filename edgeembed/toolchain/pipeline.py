@@ -15,13 +15,16 @@ from typing import Any
 import numpy as np
 
 from edgeembed.model import ModelMetadata, PreprocessConfig
-from edgeembed.toolchain.architecture import HEAD_FILTERS, get_backbone
+from edgeembed.toolchain.architecture import get_backbone
 from edgeembed.toolchain.convert import ConvertOptions, convert, converter_versions
 from edgeembed.toolchain.efficientnet_lite import EfficientNetLiteFeatures
 from edgeembed.toolchain.fidelity import FidelityReport, TFLiteEmbedder, evaluate
+from edgeembed.toolchain.head import HeadRequest, attach_trained_head
 from edgeembed.toolchain.images import ImageSet, float_inputs, load_pixels, spread_sample
 from edgeembed.toolchain.metadata import embed_metadata
 from edgeembed.toolchain.parity import ParityResult, check_parity
+from edgeembed.toolchain.pooling import PoolingOptions, check_quantization
+from edgeembed.toolchain.projection import HeadOptions, ProjectedFeatures, attach_head
 from edgeembed.toolchain.weights import fold_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ class BuildRequest:
         evaluation: Photos for the fidelity report, disjoint from `calibration`.
         input_size: Input side in pixels; None uses the backbone's native size.
         latency_threads: Interpreter threads for the latency measurement.
+        pooling: Pooling method and feature layers (EfficientNet-Lite only).
+        head: A projection head to train on labelled photos and fold into the graph.
+        projection: PCA projection (``--dim``) and in-graph L2 normalisation after the
+            pooling. With `head`, only its ``l2_normalize`` is read.
     """
 
     backbone: str
@@ -53,6 +60,9 @@ class BuildRequest:
     evaluation: ImageSet | None = None
     input_size: int | None = None
     latency_threads: int = 1
+    pooling: PoolingOptions = field(default_factory=PoolingOptions)
+    head: HeadRequest | None = None
+    projection: HeadOptions = field(default_factory=HeadOptions)
 
 
 @dataclass
@@ -109,7 +119,14 @@ def _quantization_record(options: ConvertOptions) -> dict[str, Any]:
     return record
 
 
-def _provenance(request: BuildRequest, weights, calibration: ImageSet | None) -> dict[str, Any]:
+def provenance_record(request: BuildRequest, weights, calibration: ImageSet | None) -> dict[str, Any]:
+    """Return the provenance stored in the model metadata: backbone, weights, quantisation, versions.
+
+    Args:
+        request: The build request.
+        weights: The loaded weights (``description`` and ``sha256`` are read).
+        calibration: The calibration photos that decoded, or None.
+    """
     return {
         "backbone": request.backbone,
         "weights_source": weights.description,
@@ -123,33 +140,63 @@ def _provenance(request: BuildRequest, weights, calibration: ImageSet | None) ->
     }
 
 
-def _load_calibration(request: BuildRequest, config: PreprocessConfig) -> tuple[np.ndarray | None, ImageSet | None]:
-    """Decode the calibration photos, capped at ``calib_max``; (None, None) unless int8."""
-    if request.options.quantization != "int8":
+def load_calibration(request: BuildRequest, config: PreprocessConfig,
+                     needed: bool) -> tuple[np.ndarray | None, ImageSet | None]:
+    """Decode the calibration photos, capped at ``calib_max``, when int8 or a PCA head needs them.
+
+    Args:
+        request: The build request; its ``calibration`` and ``options.calib_max`` are read.
+        config: The preprocessing of the model.
+        needed: Whether the build needs calibration photos at all.
+
+    Returns:
+        The uint8 pixels and the photos that decoded, or (None, None) when not needed.
+
+    Raises:
+        ValueError: If they are needed and no calibration photos were given.
+    """
+    if not needed:
         return None, None
     if request.calibration is None:
-        raise ValueError("int8 quantisation needs calibration photos; pass --calib IMAGE_DIR")
+        raise ValueError("int8 quantisation and --dim need calibration photos; pass --calib IMAGE_DIR")
 
     chosen = spread_sample(list(request.calibration.paths), request.options.calib_max)
     pixels, loaded = load_pixels(chosen, config, "calibration")
-    used = ImageSet(tuple(loaded), request.calibration.root, request.calibration.description)
-    return pixels, used
+    return pixels, ImageSet(tuple(loaded), request.calibration.root, request.calibration.description)
 
 
-def _measure(model, weights, request: BuildRequest, config: PreprocessConfig, model_bytes: bytes,
-             calibration_pixels: np.ndarray | None) -> tuple[ParityResult | None, FidelityReport | None]:
-    fidelity = None
-    parity_pixels = calibration_pixels
-    if request.evaluation is not None:
-        evaluation_pixels, _ = load_pixels(request.evaluation.paths, config, "evaluation")
-        embedder = TFLiteEmbedder(model_bytes, config, num_threads=request.latency_threads)
-        fidelity = evaluate(lambda x: model(x).numpy(), embedder, evaluation_pixels)
-        fidelity.extra["evaluation"] = request.evaluation.provenance()
-        parity_pixels = evaluation_pixels
+def measure_fidelity(model, request: BuildRequest, config: PreprocessConfig,
+                     model_bytes: bytes) -> tuple[FidelityReport | None, np.ndarray | None]:
+    """Compare the float graph with the converted model on the evaluation photos, if any.
+
+    Args:
+        model: The float extractor the model was converted from.
+        request: The build request; its ``evaluation`` and ``latency_threads`` are read.
+        config: The preprocessing of the model.
+        model_bytes: The converted model.
+
+    Returns:
+        The fidelity report and the decoded evaluation pixels, or (None, None) without
+        evaluation photos.
+    """
+    if request.evaluation is None:
+        return None, None
+
+    pixels, _ = load_pixels(request.evaluation.paths, config, "evaluation")
+    embedder = TFLiteEmbedder(model_bytes, config, num_threads=request.latency_threads)
+    fidelity = evaluate(lambda image: model(image).numpy(), embedder, pixels)
+    fidelity.extra["evaluation"] = request.evaluation.provenance()
+    return fidelity, pixels
+
+
+def _measure(model, backbone: EfficientNetLiteFeatures, weights, request: BuildRequest, config: PreprocessConfig,
+             model_bytes: bytes, calibration_pixels: np.ndarray | None) -> tuple[ParityResult | None, FidelityReport | None]:
+    fidelity, evaluation_pixels = measure_fidelity(model, request, config, model_bytes)
+    parity_pixels = calibration_pixels if evaluation_pixels is None else evaluation_pixels
 
     parity = None
     if parity_pixels is not None:
-        parity = check_parity(model, weights.state_dict, float_inputs(parity_pixels[:PARITY_IMAGES], config))
+        parity = check_parity(backbone, weights.state_dict, float_inputs(parity_pixels[:PARITY_IMAGES], config))
     return parity, fidelity
 
 
@@ -163,26 +210,44 @@ def build_model(request: BuildRequest) -> BuildResult:
         The written model and its measurements.
 
     Raises:
-        ValueError: For an unknown backbone, missing calibration photos or unusable images.
+        ValueError: For an unknown backbone, missing calibration photos, unusable images,
+            an unknown feature layer, several layers joined in an int8 model without
+            the pooling in float32, or a head that cannot be trained.
         edgeembed.toolchain.weights.WeightsError: If the weights cannot be loaded.
     """
     started = time.perf_counter()
+    check_quantization(request.pooling, request.options.quantization, request.options.float_layers)
     spec = get_backbone(request.backbone)
     weights = load_weights(spec, request.weights)
 
     input_size = request.input_size or spec.image_size
     config = default_preprocess(input_size)
-    model = EfficientNetLiteFeatures(spec, fold_weights(weights.state_dict, spec), (input_size, input_size))
+    folded = fold_weights(weights.state_dict, spec)
+    model = EfficientNetLiteFeatures(spec, folded, (input_size, input_size), request.pooling)
+    # The PyTorch reference averages the head features, so parity is checked on that graph.
+    backbone = EfficientNetLiteFeatures(spec, folded, (input_size, input_size))
 
-    calibration_pixels, calibration = _load_calibration(request, config)
+    int8 = request.options.quantization == "int8"
+    pca = request.projection.dim is not None and request.head is None
+    calibration_pixels, calibration = load_calibration(request, config, needed=int8 or pca)
     calibration_inputs = None if calibration_pixels is None else float_inputs(calibration_pixels, config)
-    model_bytes = convert(model, request.options, calibration_inputs)
 
+    if request.head is not None:
+        model = attach_trained_head(model, request.head, config, request.projection.l2_normalize)
+    else:
+        model = attach_head(model, request.projection, calibration_inputs)
+    model_bytes = convert(model, request.options, calibration_inputs if int8 else None)
+
+    provenance = provenance_record(request, weights, calibration)
+    provenance["pooling"] = request.pooling.record()
+    if isinstance(model, ProjectedFeatures):
+        provenance["head"] = model.record()
     metadata = ModelMetadata(
         preprocess=config,
-        embedding_dim=HEAD_FILTERS,
-        pooling="avg",
-        provenance=_provenance(request, weights, calibration),
+        embedding_dim=model.embedding_dim,
+        pooling=request.pooling.method,
+        l2_normalized=request.projection.l2_normalize,
+        provenance=provenance,
     )
     model_bytes = embed_metadata(model_bytes, metadata)
 
@@ -190,7 +255,7 @@ def build_model(request: BuildRequest) -> BuildResult:
     request.out.write_bytes(model_bytes)
     logger.info("Wrote %s (%d bytes)", request.out, len(model_bytes))
 
-    parity, fidelity = _measure(model, weights, request, config, model_bytes, calibration_pixels)
+    parity, fidelity = _measure(model, backbone, weights, request, config, model_bytes, calibration_pixels)
     return BuildResult(
         model_path=request.out,
         size_bytes=len(model_bytes),

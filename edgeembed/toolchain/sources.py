@@ -27,8 +27,6 @@ CONVERTED = (EFFICIENTNET, KERAS_APPLICATION, FROZEN_GRAPH, KERAS_FILE)
 GRAPH_SOURCES = (KERAS_APPLICATION, FROZEN_GRAPH, KERAS_FILE)
 
 # Options that only some sources accept: argument name -> (option, source kinds).
-# NOTE: --dim and --l2-normalize are not wired into the EfficientNet-Lite pipeline
-# (edgeembed.toolchain.pipeline.build_model) yet, so they are rejected there.
 _OPTION_SOURCES = {
     "alpha": ("--alpha", (KERAS_APPLICATION, FROZEN_GRAPH)),
     "layer": ("--layer", (KERAS_FILE, EFFICIENTNET)),
@@ -37,8 +35,8 @@ _OPTION_SOURCES = {
     "output_tensor": ("--output-tensor", (FROZEN_GRAPH,)),
     "mean": ("--mean", (FROZEN_GRAPH, KERAS_FILE, TFLITE_FILE)),
     "std": ("--std", (FROZEN_GRAPH, KERAS_FILE, TFLITE_FILE)),
-    "dim": ("--dim", GRAPH_SOURCES),
-    "l2_normalize": ("--l2-normalize", GRAPH_SOURCES),
+    "dim": ("--dim", CONVERTED),
+    "l2_normalize": ("--l2-normalize", CONVERTED),
     "input_size": ("--input-size", CONVERTED),
     "calib": ("--calib", CONVERTED),
     "float_layers": ("--float-layers", CONVERTED),
@@ -91,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     head = parser.add_argument_group("embedding head (not for efficientnet_liteN or --from-tflite)")
     head.add_argument("--dim", type=int, metavar="D",
                       help="project the pooled features to D dimensions with a PCA fitted on the float "
-                           "embeddings of the calibration photos (needs --calib and more than D photos)")
+                           "embeddings of the calibration photos (needs --calib and more than D photos); "
+                           "with --train-head, the output dimension of the trained head")
     head.add_argument("--l2-normalize", action="store_true",
                       help="L2-normalise the embedding inside the model")
 
