@@ -432,3 +432,23 @@ def test_backbone_lists_agree():
 
     assert sources.KERAS_BACKBONES == tuple(KERAS_BACKBONES)
     assert sources.GRAPH_BACKBONES == tuple(GRAPH_BACKBONES)
+
+
+def test_with_top_weights_file(tmp_path, eval_dir):
+    import keras
+
+    config, _ = random_keras_backbone(seed=9)
+    classifier = keras.applications.MobileNetV2(alpha=0.35, input_shape=(SIZE, SIZE, 3), include_top=True,
+                                                weights=None, classes=10)
+    weights = tmp_path / "with_top.h5"
+    # The legacy HDF5 layout of the with-top files Keras applications publish.
+    classifier.save(weights)
+    out = tmp_path / "v2_with_top.tflite"
+
+    code = convert(["mobilenet_v2", "--alpha", "0.35", "--input-size", SIZE, "--weights", weights,
+                    "--quant", "float32", "--out", out])
+
+    assert code == 0
+    pooled = keras.Model(classifier.input, classifier.layers[-2].output)
+    cosines = np.sum(runtime_vectors(out, eval_dir) * keras_features(pooled, eval_dir), axis=1)
+    assert cosines.min() > 0.9999

@@ -215,8 +215,31 @@ def randomize_weights(model: keras.Model, seed: int = RANDOM_SEED) -> None:
         kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), kernel.shape).astype(np.float32))
 
 
+# Layers of the with-top Keras application files that the pooled backbone does not have.
+CLASSIFIER_LAYERS = frozenset({"predictions"})
+
+
+def saved_layer_names(path: Path) -> list[str] | None:
+    """Return the layer names of a legacy Keras HDF5 weights or model file, or None for other layouts.
+
+    Raises:
+        OSError: If the file is not a readable HDF5 file.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        group = file["model_weights"] if "model_weights" in file else file
+        names = group.attrs.get("layer_names")
+    if names is None:
+        return None
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+
+
 def load_weight_file(model: keras.Model, path: Path, config: MobileNetConfig) -> None:
-    """Load a Keras weights file into the backbone.
+    """Load a Keras weights file, with or without the classifier, into the backbone.
+
+    A with-top file (e.g. ``..._1.0_224.h5``) also has the ``predictions`` layer; its
+    layers are then loaded by name and the classifier is left out.
 
     Raises:
         WeightsError: If the file is missing, unreadable or made for another variant.
@@ -226,15 +249,27 @@ def load_weight_file(model: keras.Model, path: Path, config: MobileNetConfig) ->
     if not path.name.endswith((".h5", ".hdf5")):
         raise WeightsError(f"{path} is not a Keras weights file; {config.backbone} takes .h5 files, "
                            "'imagenet' or 'random'")
+    variant = f"{config.backbone} alpha {config.alpha}{' minimalistic' if config.minimalistic else ''}"
 
     try:
-        model.load_weights(str(path))
+        saved = saved_layer_names(path)
+    except OSError as error:
+        raise WeightsError(f"cannot read {path} as an HDF5 file: {error}") from error
+    # Loading by name matches layers by name only, so it is used only when the file has
+    # every weighted layer of the backbone; a shape that differs still raises.
+    weighted = {layer.name for layer in model.layers if layer.weights}
+    with_top = saved is not None and weighted | CLASSIFIER_LAYERS <= set(saved)
+
+    try:
+        if with_top:
+            model.load_weights(str(path), by_name=True)
+        else:
+            model.load_weights(str(path))
     except (ValueError, OSError, KeyError) as error:
         reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise WeightsError(
-            f"cannot load {path} into {config.backbone} alpha {config.alpha}"
-            f"{' minimalistic' if config.minimalistic else ''}: {reason}; check --alpha and --minimalistic"
-        ) from error
+        raise WeightsError(f"cannot load {path} into {variant}: {reason}; check --alpha and --minimalistic") from error
+    if with_top:
+        logger.info("Loaded %s without its classifier layer", path.name)
 
 
 def load_mobilenet(config: MobileNetConfig, source: str, cache_dir: str | Path | None = None) -> GraphSource:
