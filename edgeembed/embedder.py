@@ -162,6 +162,10 @@ class Embedder:
 
         self.metadata = self._resolve_metadata(data, path, preprocess)
         self._check_input_shape()
+        if self._ends_in_softmax():
+            logger.warning("%s looks like an image classifier: its %d outputs come from a SOFTMAX, and class "
+                           "scores are poor embeddings. Cut the classification head off with 'edgeembed "
+                           "convert --from-tflite %s --out EMBEDDER.tflite'", path, self.embedding_dim, path)
         self._identity_input = False
         self._table = self._build_table()
         self._lock = threading.Lock()
@@ -207,6 +211,20 @@ class Embedder:
         logger.info("%s has no edgeembed metadata; inferred mean %.3f std %.3f from its input "
                     "quantisation", path, inferred.mean[0], inferred.std[0])
         return ModelMetadata(preprocess=inferred, preprocess_source="inferred")
+
+    def _ends_in_softmax(self) -> bool:
+        """Return True when the output tensor is a SOFTMAX result, through any (de)quantisation."""
+        producers = {int(tensor): op for op in self._interpreter._get_ops_details()
+                     if op["op_name"] != "DELEGATE" for tensor in op["outputs"]}
+        tensor = self._output_index
+        while tensor in producers:
+            op = producers[tensor]
+            if op["op_name"] == "SOFTMAX":
+                return True
+            if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE") or len(op["inputs"]) == 0:
+                return False
+            tensor = int(op["inputs"][0])
+        return False
 
     def _check_input_shape(self) -> None:
         shape = self.input.shape

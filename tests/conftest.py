@@ -11,6 +11,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
+# Length of the shipped model's embedding: GeM-pooled head (1280), block11 (192) and block0 (16).
+DEFAULT_EMBEDDING_DIM = 1488
+
 sys.path.insert(0, str(ROOT / "tools"))
 
 import sample_photos  # noqa: E402  (lives in tools/, made importable above)

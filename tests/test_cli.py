@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DEFAULT_EMBEDDING_DIM
 
 
 def run_cli(*args: str | Path, check_code: int | None = 0) -> subprocess.CompletedProcess:
@@ -30,7 +31,7 @@ def gallery_dir(photo_dir, tmp_path_factory):
 def test_info_shows_preprocessing_and_ops():
     result = run_cli("info")
     assert "efficientnet_lite0_int8.tflite" in result.stdout
-    assert "preprocess         from metadata: input_size=[224, 224]" in result.stdout
+    assert "preprocess         from metadata: input_size=[256, 256]" in result.stdout
     assert "uint8" in result.stdout
     assert "CONV_2D x" in result.stdout
 
@@ -48,7 +49,7 @@ def test_embed_writes_vectors_and_ids(photo_dir, tmp_path):
     run_cli("embed", photo_dir / "coffee.jpg", photo_dir, "--out", out)
     vectors = np.load(out)
     ids = (tmp_path / "vectors.ids.txt").read_text().splitlines()
-    assert vectors.shape == (20, 1280)
+    assert vectors.shape == (20, DEFAULT_EMBEDDING_DIM)
     assert len(ids) == 20
     assert ids[0].endswith("coffee.jpg")
     assert np.allclose(vectors[0], vectors[ids.index(ids[0], 1)], atol=1e-6)
@@ -61,7 +62,7 @@ def test_embed_skips_bad_files_and_fails(photo_dir, tmp_path):
     result = run_cli("embed", photo_dir / "rocket.jpg", bad, "--out", out, check_code=1)
     assert f"skipped {bad}" in result.stderr
     assert "embedded 1 of 2 images, 1 skipped" in result.stderr
-    assert np.load(out).shape == (1, 1280)
+    assert np.load(out).shape == (1, DEFAULT_EMBEDDING_DIM)
 
 
 def test_search_table_lists_best_match_first(gallery_dir, photo_dir):

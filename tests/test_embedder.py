@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from edgeembed import Embedder, EmbedderOptions, ImageError, ModelError, cosine_similarity
+from conftest import DEFAULT_EMBEDDING_DIM
 
 
 def test_embed_returns_unit_float32_vector(embedder, photos):
     vector = embedder.embed(photos["astronaut"])
     assert vector.dtype == np.float32
-    assert vector.shape == (1280,)
+    assert vector.shape == (DEFAULT_EMBEDDING_DIM,)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -29,7 +30,7 @@ def test_every_input_kind_gives_the_same_embedding(embedder, photos, tmp_path):
 def test_embed_batch_matches_single_calls(embedder, photos):
     images = [photos[name] for name in ("coffee", "chelsea", "rocket")]
     batch = embedder.embed_batch(images)
-    assert batch.shape == (3, 1280)
+    assert batch.shape == (3, DEFAULT_EMBEDDING_DIM)
     for row, image in enumerate(images):
         assert np.allclose(batch[row], embedder.embed(image), atol=1e-6)
 
@@ -102,3 +103,16 @@ def test_large_jpeg_embeds_like_small_copy(embedder, photos):
     buffer = io.BytesIO()
     big.save(buffer, "JPEG", quality=95)
     assert cosine_similarity(embedder.embed(buffer.getvalue()), embedder.embed(photo)) > 0.97
+
+
+def test_classifier_model_warns(shared_assets, caplog):
+    classifier = shared_assets / "models" / "mobilenet_v2_1.0_224_quant.tflite"
+    extractor = shared_assets / "models" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+
+    Embedder(classifier)
+    Embedder(extractor)
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "looks like an image classifier" in warnings[0]
+    assert f"--from-tflite {classifier}" in warnings[0]

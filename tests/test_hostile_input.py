@@ -14,6 +14,7 @@ from PIL import Image
 
 import hostile_corpus
 from edgeembed import ImageError, cosine_similarity, preprocess
+from conftest import DEFAULT_EMBEDDING_DIM
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_cli_batch_completes_and_counts(corpus):
     assert result.returncode == 1
     assert f"embedded {len(expected) - failing} of {len(expected)} images, {failing} skipped" in result.stderr
     assert result.stderr.count("WARNING: skipped ") == failing
-    assert np.load(out).shape == (len(expected) - failing, 1280)
+    assert np.load(out).shape == (len(expected) - failing, DEFAULT_EMBEDDING_DIM)
     ids = out.with_suffix(".ids.txt").read_bytes().splitlines()
     assert folder.as_posix().encode() + b"/caf\xe9_latin1.jpg" in ids
 

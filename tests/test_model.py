@@ -15,15 +15,17 @@ from edgeembed.model import (
     infer_preprocess,
     read_metadata,
 )
+from conftest import DEFAULT_EMBEDDING_DIM
 
 
 def test_default_model_carries_metadata():
     data = default_model_path().read_bytes()
     metadata = read_metadata(data)
     assert metadata is not None
-    assert metadata.preprocess.input_size == (224, 224)
+    assert metadata.preprocess.input_size == (256, 256)
     assert metadata.preprocess.color_order == "RGB"
-    assert metadata.embedding_dim == 1280
+    assert metadata.embedding_dim == DEFAULT_EMBEDDING_DIM
+    assert metadata.pooling == "gem"
     assert metadata.provenance["backbone"] == "efficientnet_lite0"
     assert len(metadata.provenance["weights_sha256"]) == 64
 
