@@ -200,10 +200,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    """Rebuild the Annoy index from the live items."""
+    """Rebuild the Annoy index from the live items, replacing a damaged or missing index."""
     from edgeembed.gallery import Gallery
 
-    gallery = Gallery.open(args.gallery)
+    # Compaction never reads the old index, so a damaged one must not stop it.
+    gallery = Gallery.open(args.gallery, load_index=False)
     gallery.compact(n_trees=args.trees)
     print(f"gallery {args.gallery}: compacted to {len(gallery)} items, {gallery.n_trees} trees",
           file=sys.stderr)
@@ -287,7 +288,8 @@ def configure_parser(index: argparse.ArgumentParser) -> None:
     remove.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
     remove.set_defaults(run=cmd_remove)
 
-    compact = actions.add_parser("compact", help="rebuild the Annoy index from all live items")
+    compact = actions.add_parser("compact", help="rebuild the Annoy index from all live items; this also "
+                                                 "repairs a damaged or missing index file")
     compact.add_argument("gallery", metavar="GALLERY_DIR", help="gallery folder written by index build")
     compact.add_argument("--trees", type=positive_int, default=None, metavar="N",
                          help="Annoy trees for the new index (default: keep the current number)")

@@ -5,7 +5,8 @@ with its vectors and items. Items added later go to an added segment that is
 searched exactly and merged into every result, so they are searchable at once.
 Removed items are hidden from results. `Gallery.compact` rebuilds the index from all
 live items, and runs by itself when the added or removed items pass
-`COMPACT_MIN_ITEMS` and `COMPACT_FRACTION` of the base.
+`COMPACT_MIN_ITEMS` and `COMPACT_FRACTION` of the base. Because the index is derived
+from the stored vectors, compaction also replaces a damaged or missing index file.
 
 On disk, ``manifest.json`` names the current files of both segments with their sizes
 and SHA-256, the model fingerprint, the vector size, the Annoy settings and the
@@ -158,13 +159,18 @@ class Gallery(GalleryChanges):
         self._locations.update({item["id"]: ("added", row) for row, item in enumerate(self._added_items)})
 
     @classmethod
-    def open(cls, directory: str | Path, embedder: Embedder | None = None) -> Gallery:
+    def open(cls, directory: str | Path, embedder: Embedder | None = None, *,
+             load_index: bool = True) -> Gallery:
         """Open a saved gallery; the Annoy index and base vectors are memory-mapped.
 
         Args:
             directory: A folder written by `save`.
             embedder: The embedder for image queries; it must be the model that built
                 the gallery.
+            load_index: False opens the gallery without its Annoy index files, which
+                may then be damaged or missing. `search` raises until `compact`
+                rebuilds the index from the stored vectors, while `search_exact`,
+                `add` and `remove` work.
 
         Raises:
             GalleryError: If a file is missing, has the wrong size, disagrees with the
@@ -176,17 +182,17 @@ class Gallery(GalleryChanges):
                       manifest["model"].get("path"), int(manifest["n_trees"]),
                       shards=max(1, len(manifest["base"]["shards"])))
         gallery.directory = folder
-        gallery._load(manifest)
+        gallery._load(manifest, load_index)
         if embedder is not None:
             gallery.attach(embedder)
         return gallery
 
-    def _load(self, manifest: dict) -> None:
+    def _load(self, manifest: dict, load_index: bool = True) -> None:
         """Load the files a manifest names, re-reading it if a writer replaced them meanwhile."""
         assert self.directory is not None
         for attempt in range(_OPEN_ATTEMPTS):
             try:
-                base_vectors, base_items, index = segments.load_base(self.directory, manifest)
+                base_vectors, base_items, index = segments.load_base(self.directory, manifest, load_index)
                 added_vectors, added_items = segments.load_added(self.directory, manifest)
                 break
             except FileNotFoundError:
@@ -293,9 +299,13 @@ class Gallery(GalleryChanges):
             Up to k matches, best first.
 
         Raises:
-            GalleryError: For image queries without an embedder, or a wrong vector size.
+            GalleryError: For image queries without an embedder, a wrong vector size,
+                or a gallery opened without its index.
             ImageError: If an image query cannot be decoded.
         """
+        if self._index is None and self._base_items:
+            raise GalleryError(f"{self.directory} was opened without its Annoy index; "
+                               "use search_exact, or compact the gallery to rebuild the index")
         vector = self._query_vector(query, k)
         candidates = self._added_candidates(vector, k)
         if self._index is not None:

@@ -38,14 +38,14 @@ class GalleryChanges:
         limit = max(COMPACT_MIN_ITEMS, COMPACT_FRACTION * len(self._base_items))
         return self.added_count > limit or self.removed_count > limit
 
-    def _refresh(self: Gallery) -> None:
+    def _refresh(self: Gallery, load_index: bool) -> None:
         """Reload from disk if another writer switched the manifest since this gallery loaded."""
         from edgeembed.gallery import MANIFEST, SCHEMA
 
         current = storage.read_manifest(self.directory / MANIFEST, SCHEMA)
         if self.manifest is None or current["generation"] != self.manifest["generation"]:
             logger.info("%s changed on disk; reloading generation %d", self.directory, current["generation"])
-            self._load(current)
+            self._load(current, load_index)
 
     def _change(self: Gallery, apply: Callable[[], bool], base_changed: bool = False) -> None:
         """Apply a change under the writer lock and commit it; `apply` returns False for no change."""
@@ -54,7 +54,10 @@ class GalleryChanges:
             return
 
         with storage.WriterLock(self.directory):
-            self._refresh()
+            # A change of the base builds a new index, so it never maps the old one,
+            # which may be damaged. A gallery opened without its index reloads without it.
+            opened_without_index = self._index is None and bool(self._base_items)
+            self._refresh(load_index=not (base_changed or opened_without_index))
             if not apply():
                 return
             generation = int(self.manifest["generation"]) + 1
@@ -76,7 +79,9 @@ class GalleryChanges:
             auto_compact: Compact after adding when `needs_compaction` returns True.
 
         Raises:
-            GalleryError: If an id is already live or repeats, or sizes disagree.
+            GalleryError: If an id is already live or repeats, or sizes disagree. Also
+                when the automatic compaction finds a damaged vector or item file, by
+                which time the new items are saved.
         """
         unit = unit_rows(vectors, self.dim)
         items = make_items(ids, paths, labels, metadata)
@@ -154,19 +159,50 @@ class GalleryChanges:
             self.compact()
         return missing
 
+    def _check_before_compaction(self: Gallery) -> list[str]:
+        """Check every saved file against the manifest before compaction rewrites them.
+
+        Returns:
+            The damaged index files, which compaction replaces with a new index.
+
+        Raises:
+            GalleryError: If a vector or item file is damaged, naming the file.
+                Compacting would store the damage under new checksums.
+        """
+        damaged = segments.damaged_files(self.directory, self.manifest)
+        index_files = segments.index_files(self.manifest)
+        lost = [f"{self.directory / name} is damaged: {problem}" for name, problem in damaged.items()
+                if name not in index_files]
+        if lost:
+            raise GalleryError(f"cannot compact {self.directory}, because {', and '.join(lost)}. Vectors and "
+                               f"items have no other copy, so {segments.REBUILD_FROM_IMAGES}")
+
+        for name, problem in damaged.items():
+            logger.warning("%s: %s; rebuilding the Annoy index from the stored vectors",
+                           self.directory / name, problem)
+        return list(damaged)
+
     def compact(self: Gallery, n_trees: int | None = None) -> None:
         """Rebuild the Annoy index from all live items and empty the added segment.
+
+        A saved gallery's files are checked against their SHA-256 first. Damaged or
+        missing index files are rebuilt from the stored vectors, so a gallery opened
+        with ``load_index=False`` can be repaired with this method.
 
         Args:
             n_trees: Trees for the new index; None keeps the current number.
 
         Raises:
-            GalleryError: If `n_trees` is below 1.
+            GalleryError: If `n_trees` is below 1, or a vector or item file of a saved
+                gallery is damaged (the gallery must be rebuilt from its images).
         """
         if n_trees is not None and n_trees < 1:
             raise GalleryError(f"invalid n_trees {n_trees}: use 1 or more")
+        rebuilt: list[str] = []
 
         def apply() -> bool:
+            if self.directory is not None:
+                rebuilt[:] = self._check_before_compaction()
             live = [row for row, item in enumerate(self._base_items) if item["id"] not in self._removed]
             vectors = np.concatenate([np.asarray(self._base_vectors[live]), self._added_vectors])
             items = [self._base_items[row] for row in live] + self._added_items
@@ -181,4 +217,7 @@ class GalleryChanges:
             return True
 
         self._change(apply, base_changed=True)
+        if rebuilt:
+            logger.warning("rebuilt the Annoy index of %s from %d stored vectors; it replaces the damaged %s",
+                           self.directory, len(self), ", ".join(rebuilt))
         logger.info("compacted %s to %d items", self.directory or "the gallery", len(self))

@@ -22,10 +22,12 @@ class VerifyResult:
         problems: One line per inconsistency; the gallery is sound when empty.
         leftovers: Files of older generations or killed writes that the manifest does
             not use. They are harmless, and the next change deletes them.
+        fix: How to repair the damaged files, or None when no file is damaged.
     """
 
     problems: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    fix: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -33,23 +35,24 @@ class VerifyResult:
         return not self.problems
 
 
-def _check_files(folder: Path, manifest: dict, result: VerifyResult) -> None:
-    for name, recorded in sorted(manifest["files"].items()):
-        path = folder / name
-        if not path.is_file():
-            result.problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != recorded.get("bytes"):
-            result.problems.append(f"{path}: {size} bytes, the manifest records {recorded.get('bytes')}")
-            continue
-        if storage.sha256_file(path) != recorded.get("sha256"):
-            result.problems.append(f"{path}: SHA-256 differs from the manifest (the content changed)")
+def _check_files(folder: Path, manifest: dict, result: VerifyResult) -> set[str]:
+    """Record damaged files and how to repair them, and return their names."""
+    damaged = segments.damaged_files(folder, manifest)
+    result.problems += [f"{folder / name}: {problem}" for name, problem in damaged.items()]
+    if not damaged:
+        return set()
+
+    if set(damaged) <= segments.index_files(manifest):
+        result.fix = (f"only the Annoy index is damaged, so `{segments.compact_command(folder)}` "
+                      "can rebuild it from the stored vectors")
+    else:
+        result.fix = f"a vector or item file is damaged, so {segments.REBUILD_FROM_IMAGES}"
+    return set(damaged)
 
 
-def _check_segments(folder: Path, manifest: dict, result: VerifyResult) -> None:
+def _check_segments(folder: Path, manifest: dict, result: VerifyResult, load_index: bool) -> None:
     try:
-        _, base_items, _ = segments.load_base(folder, manifest)
+        _, base_items, _ = segments.load_base(folder, manifest, load_index)
         _, added_items = segments.load_added(folder, manifest)
     except (GalleryError, FileNotFoundError) as error:
         result.problems.append(str(error))
@@ -74,8 +77,9 @@ def _check_segments(folder: Path, manifest: dict, result: VerifyResult) -> None:
 def verify(directory: str | Path) -> VerifyResult:
     """Check that every file a gallery's manifest names is present, intact and consistent.
 
-    Sizes and SHA-256 are compared with the manifest before Annoy maps any file, then
-    the item counts, the index's item count and the ids are cross-checked.
+    Sizes and SHA-256 are compared with the manifest before Annoy maps any file. Then
+    the item counts and ids are cross-checked, and the index's item count when the
+    index files are intact.
 
     Args:
         directory: The gallery folder.
@@ -91,9 +95,10 @@ def verify(directory: str | Path) -> VerifyResult:
         result.problems.append(str(error))
         return result
 
-    _check_files(folder, manifest, result)
-    if result.ok:
-        _check_segments(folder, manifest, result)
+    damaged = _check_files(folder, manifest, result)
+    if damaged <= segments.index_files(manifest):
+        # Items and ids can still be cross-checked when only the index is damaged.
+        _check_segments(folder, manifest, result, load_index=not damaged)
     result.leftovers = [path.name for path in segments.leftover_files(folder, manifest)]
     return result
 
@@ -140,6 +145,8 @@ def format_verify(folder: Path, result: VerifyResult) -> str:
     count = len(result.problems)
     lines = [f"{folder}: {'ok' if result.ok else f'{count} problem' + ('s' if count > 1 else '')}"]
     lines += [f"  problem: {problem}" for problem in result.problems]
+    if result.fix:
+        lines.append(f"  fix: {result.fix}")
     lines += [f"  leftover (harmless): {name}" for name in result.leftovers]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ from edgeembed.storage import GalleryError
 logger = logging.getLogger(__name__)
 
 ANNOY_SEED = 42
+
+# The vectors are the only copy of the embeddings, so damaged vector or item files
+# cannot be repaired from the folder. The index is derived from the vectors.
+REBUILD_FROM_IMAGES = "the gallery must be rebuilt from the images with `edgeembed index build`"
 
 # Files that a gallery writes, so that leftovers of a killed writer can be recognised.
 _GENERATED = re.compile(r"^(index-\d+(-\d+)?\.ann|vectors-\d+\.npy|items-\d+\.json|added-\d+\.npy|"
@@ -106,16 +111,20 @@ class ShardedIndex:
                 disagree with the manifest.
         """
         dim, total = int(manifest["dim"]), int(manifest["base"]["items"])
+        fix = rebuild_index_advice(folder)
         parts, expected_start = [], 0
         for entry in manifest["base"]["shards"]:
-            path = _checked(folder, manifest, entry["file"])
+            # NOTE: only the size is checked, because hashing every shard on each open
+            # reads the whole index. `damaged_files` finds a changed shard of the same size.
+            path = _checked(folder, manifest, entry["file"], fix)
             if entry["start"] != expected_start:
                 raise GalleryError(f"{path} starts at row {entry['start']}, expected {expected_start}")
             index = AnnoyIndex(dim, "angular")
             if not index.load(str(path), prefault=False):
-                raise GalleryError(f"Annoy could not load {path}; rebuild the gallery")
+                raise GalleryError(f"Annoy could not load {path}; {fix}")
             if index.get_n_items() != entry["items"]:
-                raise GalleryError(f"{path} has {index.get_n_items()} items, the manifest {entry['items']}")
+                raise GalleryError(f"{path} has {index.get_n_items()} items, the manifest records "
+                                   f"{entry['items']}; {fix}")
             parts.append((expected_start, index))
             expected_start += entry["items"]
 
@@ -170,24 +179,44 @@ def write_added(folder: Path, generation: int, vectors: np.ndarray, items: list[
     return {"items": len(items), **names}, files
 
 
-def _read_items(path: Path, count: int) -> list[dict]:
+def _read_items(folder: Path, manifest: dict, name: str, count: int) -> list[dict]:
+    path = _checked(folder, manifest, name, REBUILD_FROM_IMAGES)
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GalleryError(f"{path} is corrupted: {error}") from error
+        raise GalleryError(f"{path} is corrupted ({error}); {REBUILD_FROM_IMAGES}") from error
     if not isinstance(items, list) or len(items) != count:
-        raise GalleryError(f"{path} does not list the {count} items the manifest records")
+        raise GalleryError(f"{path} does not list the {count} items the manifest records; "
+                           f"{REBUILD_FROM_IMAGES}")
     return items
 
 
-def _checked(folder: Path, manifest: dict, name: str) -> Path:
+def _read_vectors(folder: Path, manifest: dict, name: str, shape: tuple[int, int]) -> np.ndarray:
+    path = _checked(folder, manifest, name, REBUILD_FROM_IMAGES)
+    try:
+        return storage.read_npy(path, shape)
+    except GalleryError as error:
+        raise GalleryError(f"{error}; {REBUILD_FROM_IMAGES}") from error
+
+
+def _checked(folder: Path, manifest: dict, name: str, fix: str) -> Path:
     path = folder / name
-    storage.check_size(path, manifest["files"].get(name, {}).get("bytes"))
+    storage.check_size(path, manifest["files"].get(name, {}).get("bytes"), fix)
     return path
 
 
-def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], ShardedIndex | None]:
+def load_base(folder: Path, manifest: dict,
+              load_index: bool = True) -> tuple[np.ndarray, list[dict], ShardedIndex | None]:
     """Open the base segment, checking sizes before Annoy memory-maps its files.
+
+    Args:
+        folder: The gallery folder.
+        manifest: The manifest that names the files.
+        load_index: False skips the Annoy index files, which are neither checked nor mapped.
+
+    Returns:
+        The memory-mapped vectors, the items, and the index (None for an empty
+        segment or when `load_index` is False).
 
     Raises:
         GalleryError: If a file is missing, has the wrong size or disagrees with the manifest.
@@ -198,9 +227,9 @@ def load_base(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict], Sha
     if count == 0:
         return np.zeros((0, dim), dtype=np.float32), [], None
 
-    vectors = storage.read_npy(_checked(folder, manifest, section["vectors"]), (count, dim))
-    items = _read_items(_checked(folder, manifest, section["items_file"]), count)
-    return vectors, items, ShardedIndex.load(folder, manifest)
+    vectors = _read_vectors(folder, manifest, section["vectors"], (count, dim))
+    items = _read_items(folder, manifest, section["items_file"], count)
+    return vectors, items, ShardedIndex.load(folder, manifest) if load_index else None
 
 
 def load_added(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict]]:
@@ -214,14 +243,50 @@ def load_added(folder: Path, manifest: dict) -> tuple[np.ndarray, list[dict]]:
     if count == 0:
         return np.zeros((0, dim), dtype=np.float32), []
 
-    vectors = storage.read_npy(_checked(folder, manifest, section["vectors"]), (count, dim))
-    items = _read_items(_checked(folder, manifest, section["items_file"]), count)
+    vectors = _read_vectors(folder, manifest, section["vectors"], (count, dim))
+    items = _read_items(folder, manifest, section["items_file"], count)
     return np.array(vectors), items
 
 
 def referenced_files(manifest: dict) -> set[str]:
     """Return the file names a manifest uses."""
     return set(manifest["files"])
+
+
+def index_files(manifest: dict) -> set[str]:
+    """Return the names of the Annoy index files, one per shard, that a manifest uses."""
+    return {entry["file"] for entry in manifest["base"]["shards"]}
+
+
+def damaged_files(folder: Path, manifest: dict) -> dict[str, str]:
+    """Compare every file a manifest names with its recorded size and SHA-256.
+
+    Returns:
+        The problem of each damaged file by name (missing, another size, or another
+        SHA-256); empty when every file matches.
+    """
+    damaged = {}
+    for name, recorded in sorted(manifest["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            damaged[name] = "missing"
+            continue
+        size = path.stat().st_size
+        if size != recorded.get("bytes"):
+            damaged[name] = f"{size} bytes, the manifest records {recorded.get('bytes')}"
+        elif storage.sha256_file(path) != recorded.get("sha256"):
+            damaged[name] = "SHA-256 differs from the manifest (the content changed)"
+    return damaged
+
+
+def compact_command(folder: Path) -> str:
+    """Return the shell command that compacts `folder`, which also rebuilds a damaged index."""
+    return f"edgeembed index compact {shlex.quote(str(folder))}"
+
+
+def rebuild_index_advice(folder: Path) -> str:
+    """Return the advice that error messages give for a damaged index file."""
+    return f"run `{compact_command(folder)}` to rebuild the index from the stored vectors"
 
 
 def leftover_files(folder: Path, manifest: dict) -> list[Path]:

@@ -182,18 +182,23 @@ def read_manifest(path: Path, schema: str) -> dict:
     return manifest
 
 
-def check_size(path: Path, expected: int | None) -> None:
+def check_size(path: Path, expected: int | None, fix: str) -> None:
     """Check that a file exists and has the size the manifest recorded.
+
+    Args:
+        path: The file.
+        expected: Its size in bytes from the manifest; None skips the size check.
+        fix: What the user should do, appended to the error message.
 
     Raises:
         GalleryError: If the file is missing or its size differs.
     """
     if not path.is_file():
-        raise GalleryError(f"{path} not found; the gallery is incomplete, rebuild it")
+        raise GalleryError(f"{path} not found; {fix}")
     actual = path.stat().st_size
     if expected is not None and actual != expected:
-        raise GalleryError(f"{path} has {actual} bytes, the manifest records {expected}; "
-                           "the file is truncated or replaced, rebuild the gallery")
+        raise GalleryError(f"{path} has {actual} bytes, the manifest records {expected} "
+                           f"(the file is truncated or replaced); {fix}")
 
 
 def read_npy(path: Path, shape: tuple[int, int]) -> np.ndarray:

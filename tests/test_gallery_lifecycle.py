@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgeembed import gallery as gallery_module
+from edgeembed.cli import main
 from edgeembed.gallery import MANIFEST, Gallery
 from edgeembed.gallery_check import stats, verify
 from edgeembed.storage import GalleryError
@@ -253,3 +254,116 @@ def test_search_rejects_k_below_one(saved):
     vectors, folder = saved
     with pytest.raises(GalleryError, match="invalid k 0"):
         Gallery.open(folder).search(vectors[0], k=0)
+
+
+# Repairing a damaged index from the stored vectors
+
+QUERIES = _unit(8, 99)
+
+
+def _top_ids(search, k=5):
+    # A search_k above the item count makes Annoy inspect every item, so it agrees with exact search.
+    extra = {} if search.__name__ == "search_exact" else {"search_k": 100_000}
+    return [_ids(search(query, k=k, **extra)) for query in QUERIES]
+
+
+def _flip_byte(path, offset=-20):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_truncated_index_is_rebuilt(saved, caplog):
+    _, folder = saved
+    before = _top_ids(Gallery.open(folder).search)
+    index_file = folder / _manifest(folder)["base"]["shards"][0]["file"]
+    recorded = _manifest(folder)["files"][index_file.name]["bytes"]
+    index_file.write_bytes(index_file.read_bytes()[:1000])
+
+    result = verify(folder)
+    assert result.problems == [f"{index_file}: 1000 bytes, the manifest records {recorded}"]
+    assert f"`edgeembed index compact {folder}` can rebuild it from the stored vectors" in result.fix
+    with pytest.raises(GalleryError, match="edgeembed index compact"):
+        Gallery.open(folder)
+
+    Gallery.open(folder, load_index=False).compact()
+    assert verify(folder).ok
+    assert verify(folder).leftovers == []
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any(index_file.name in message and "rebuilding" in message for message in warnings)
+    assert any(message.startswith("rebuilt the Annoy index") for message in warnings)
+    repaired = Gallery.open(folder)
+    assert _top_ids(repaired.search) == before
+    assert _top_ids(repaired.search) == _top_ids(repaired.search_exact)
+
+
+def test_deleted_index_is_rebuilt_by_cli(saved, capsys):
+    _, folder = saved
+    before = _top_ids(Gallery.open(folder).search_exact)
+    (folder / _manifest(folder)["base"]["shards"][0]["file"]).unlink()
+
+    assert main(["index", "verify", str(folder)]) == 1
+    output = capsys.readouterr().out
+    assert ": missing" in output
+    assert "fix: only the Annoy index is damaged" in output
+
+    assert main(["index", "compact", str(folder)]) == 0
+    assert main(["index", "verify", str(folder)]) == 0
+    repaired = Gallery.open(folder)
+    assert _top_ids(repaired.search) == before
+
+
+def test_damaged_shard_is_rebuilt(tmp_path):
+    vectors = _unit(60, 12)
+    folder = Gallery.build(vectors, [f"base-{i}" for i in range(60)], model_fingerprint="a" * 64,
+                           shards=3).save(tmp_path / "sharded")
+    gallery = Gallery.open(folder)
+    gallery.add(_unit(2, 13), ["new-0", "new-1"])
+    gallery.remove(["base-5"])
+    expected = _top_ids(gallery.search_exact)
+    shard = folder / _manifest(folder)["base"]["shards"][1]["file"]
+    _flip_byte(shard)  # the size stays, so only the SHA-256 shows the damage
+
+    assert verify(folder).problems == [f"{shard}: SHA-256 differs from the manifest (the content changed)"]
+    assert "edgeembed index compact" in verify(folder).fix
+    Gallery.open(folder, load_index=False).compact()
+
+    assert verify(folder).ok
+    repaired = Gallery.open(folder)
+    assert len(_manifest(folder)["base"]["shards"]) == 3
+    assert len(repaired) == 61
+    assert "base-5" not in repaired
+    assert _top_ids(repaired.search) == expected
+
+
+@pytest.mark.parametrize("file_key, damage", [("vectors", "flip"), ("vectors", "truncate"),
+                                              ("items_file", "flip")])
+def test_damaged_data_stops_compaction(saved, caplog, file_key, damage):
+    _, folder = saved
+    Gallery.open(folder).remove(["base-1"])  # a first change creates the lock file before the snapshot
+    path = folder / _manifest(folder)["base"][file_key]
+    if damage == "flip":
+        _flip_byte(path)
+    else:
+        path.write_bytes(path.read_bytes()[:300])
+    before = _snapshot(folder)
+
+    assert main(["index", "compact", str(folder)]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert str(path) in errors[0]
+    assert "rebuilt from the images with `edgeembed index build`" in errors[0]
+    assert _snapshot(folder) == before
+    assert "rebuilt from the images" in verify(folder).fix
+
+
+def test_search_without_index_is_rejected(saved):
+    vectors, folder = saved
+    gallery = Gallery.open(folder, load_index=False)
+    with pytest.raises(GalleryError, match="opened without its Annoy index"):
+        gallery.search(vectors[0])
+    assert gallery.search_exact(vectors[0], k=1)[0].id == "base-0"
