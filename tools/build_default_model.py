@@ -214,7 +214,7 @@ def measure_retrieval(model: Path, folders: dict[str, Path]) -> dict[str, dict[s
                    "--json", "--threads", "2"]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         document = json.loads(output)
-        results[label] = {key: round(document[key], 4) for key in ("recall@1", "recall@5", "mAP")}
+        results[label] = {key: document[key] for key in ("recall@1", "recall@5", "mAP")}
         logger.info("%s on %s: recall@1 %.3f, mAP %.3f", model.name, label, document["recall@1"], document["mAP"])
     return results
 
