@@ -310,3 +310,29 @@ def test_pooling_rejected_for_other_backbones(tmp_path, caplog):
 
     assert command.run(args) == 2
     assert "--pooling applies to efficientnet_liteN backbones only" in caplog.text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "block99"], "unknown feature layers ['block99']"),
+    (["--layer", "head,block11", "--calib", "photos"], "add 'pooling' to --float-layers"),
+])
+def test_convert_checks_layers_early(tmp_path, caplog, extra, message):
+    from edgeembed.toolchain import command
+
+    args = parse(["efficientnet_lite0", "--weights", "random", "--out", str(tmp_path / "m.tflite"), *extra])
+
+    assert command.run(args) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "m.tflite").exists()
+
+
+@pytest.mark.toolchain
+def test_convert_dim_needs_more_photos(tmp_path, caplog, photo_dir):
+    from edgeembed.toolchain import command
+
+    args = parse(["efficientnet_lite0", "--weights", "random", "--calib", str(photo_dir), "--out",
+                  str(tmp_path / "m.tflite"), "--dim", "64"])
+
+    assert command.run(args) == 1
+    assert f"--dim 64 fits a PCA on the calibration photos and needs more than 64 of them; {photo_dir} gives 19" \
+        in caplog.text

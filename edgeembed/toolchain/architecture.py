@@ -164,6 +164,27 @@ def block_specs(spec: BackboneSpec) -> list[BlockSpec]:
     return blocks
 
 
+def feature_widths(spec: BackboneSpec) -> dict[str, int]:
+    """Return the channel count of every layer that pooling can read, in network order.
+
+    Args:
+        spec: The backbone scaling.
+
+    Returns:
+        ``stem``, then for each block ``block<i>_expand`` (absent when the block does
+        not expand), ``block<i>_depthwise`` and ``block<i>`` (the block output), then
+        ``head``, each mapped to its number of channels.
+    """
+    widths = {"stem": STEM_FILTERS}
+    for block in block_specs(spec):
+        if block.expand_ratio != 1:
+            widths[f"block{block.index}_expand"] = block.expanded_filters
+        widths[f"block{block.index}_depthwise"] = block.expanded_filters
+        widths[f"block{block.index}"] = block.output_filters
+    widths["head"] = HEAD_FILTERS
+    return widths
+
+
 def state_dict_shapes(spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
     """List the PyTorch state-dict keys and shapes the feature extractor needs.
 

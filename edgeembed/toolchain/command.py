@@ -14,8 +14,16 @@ import logging
 from pathlib import Path
 
 from edgeembed.toolchain import sources
+from edgeembed.toolchain.architecture import feature_widths, get_backbone
 from edgeembed.toolchain.head import LOSSES, HeadRequest, HeadTrainingOptions
-from edgeembed.toolchain.pooling import DEFAULT_GEM_P, POOLINGS, PoolingOptions, parse_layers
+from edgeembed.toolchain.pooling import (
+    DEFAULT_GEM_P,
+    POOLINGS,
+    PoolingOptions,
+    check_layers,
+    check_quantization,
+    parse_layers,
+)
 from edgeembed.toolchain.sources import GRAPH_BACKBONES, KERAS_BACKBONES
 
 logger = logging.getLogger(__name__)
@@ -130,12 +138,24 @@ def _pooling_problem(args: argparse.Namespace) -> str | None:
         return "--train-head needs --dim D, the output dimension of the trained head"
     if args.loss is not None and args.train_head is None:
         return "--loss needs --train-head LABELLED_DIR"
-    if args.layer and sources.source_kind(args) == sources.EFFICIENTNET:
-        try:
-            parse_layers(args.layer)
-        except ValueError as error:
-            return str(error)
+    if sources.source_kind(args) == sources.EFFICIENTNET:
+        return _efficientnet_pooling_problem(args)
     return None
+
+
+def _efficientnet_pooling_problem(args: argparse.Namespace) -> str | None:
+    """Check the layers and their quantisation before the minutes that a build takes."""
+    try:
+        pooling = _pooling_options(args)
+        check_layers(pooling, feature_widths(get_backbone(args.backbone)))
+        check_quantization(pooling, args.quant, _float_layers(args))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _float_layers(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(name.strip() for name in args.float_layers.split(",") if name.strip())
 
 
 def _build(args: argparse.Namespace):
@@ -151,13 +171,17 @@ def _build(args: argparse.Namespace):
         quantization=args.quant,
         input_type=args.input_type,
         calib_max=args.calib_max,
-        float_layers=tuple(name.strip() for name in args.float_layers.split(",") if name.strip()),
+        float_layers=_float_layers(args),
     )
     calibration = None
     if args.calib is not None:
         calibration = folder_images(args.calib, args.calib_max, "calibration")
     elif args.quant == "int8":
         raise ValueError("int8 quantisation needs calibration photos; pass --calib IMAGE_DIR")
+    pca = args.dim is not None and args.train_head is None
+    if pca and calibration is not None and len(calibration.paths) <= args.dim:
+        raise ValueError(f"--dim {args.dim} fits a PCA on the calibration photos and needs more than {args.dim} "
+                         f"of them; {args.calib} gives {len(calibration.paths)} (--calib-max {args.calib_max})")
 
     evaluation = folder_images(args.eval, purpose="evaluation") if args.eval is not None else None
     request = BuildRequest(

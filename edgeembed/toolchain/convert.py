@@ -123,10 +123,11 @@ def _check_float_layers(model: EfficientNetLiteFeatures, layers: tuple[str, ...]
     known = model.layer_names()
     unknown = [layer for layer in layers if layer not in known]
     if unknown:
+        blocks = sum(name.endswith("_depthwise") for name in known)
         raise ValueError(
-            f"unknown float layers {unknown}; valid names are stem, head and block<i>_expand, "
-            f"block<i>_depthwise, block<i>_project for blocks 0 to {len(model.blocks) - 1} "
-            "(block0 has no expand)"
+            f"unknown float layers {unknown}; valid names are stem, head, pooling (the ops after the "
+            f"last convolution) and block<i>_expand, block<i>_depthwise, block<i>_project for blocks 0 "
+            f"to {blocks - 1} (block0 has no expand)"
         )
 
 

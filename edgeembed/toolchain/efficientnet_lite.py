@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from edgeembed.toolchain.architecture import HEAD_FILTERS, STEM_FILTERS, BackboneSpec, block_specs
-from edgeembed.toolchain.pooling import SCOPE, PoolingOptions, pool_layers
+from edgeembed.toolchain.architecture import BackboneSpec, block_specs, feature_widths
+from edgeembed.toolchain.pooling import SCOPE, PoolingOptions, check_layers, pool_layers
 from edgeembed.toolchain.weights import FoldedConv, FoldedWeights
 
 # A feature-map tap: layer name -> activation tensor, filled during the forward pass.
@@ -112,34 +112,14 @@ class EfficientNetLiteFeatures(tf.Module):
                 name=f"block{block.index}",
             ))
         self.head = _Conv(weights.head, stride=1, depthwise=False, name="head")
-        self._widths = self._feature_widths(spec)
-        self._check_layers()
+        self._widths = feature_widths(spec)
+        check_layers(self.pooling, self._widths)
 
         height, width = self.input_size
         self._call = tf.function(
             self._features,
             input_signature=[tf.TensorSpec((1, height, width, 3), tf.float32, name="image")],
         )
-
-    @staticmethod
-    def _feature_widths(spec: BackboneSpec) -> dict[str, int]:
-        widths = {"stem": STEM_FILTERS}
-        for block in block_specs(spec):
-            if block.expand_ratio != 1:
-                widths[f"block{block.index}_expand"] = block.expanded_filters
-            widths[f"block{block.index}_depthwise"] = block.expanded_filters
-            widths[f"block{block.index}"] = block.output_filters
-        widths["head"] = HEAD_FILTERS
-        return widths
-
-    def _check_layers(self) -> None:
-        unknown = [layer.name for layer in self.pooling.layers if layer.name not in self._widths]
-        if unknown:
-            raise ValueError(
-                f"unknown feature layers {unknown}; valid names are stem, head, block<i> (the block output) "
-                f"and block<i>_expand, block<i>_depthwise (their ReLU6 activations) for blocks 0 to "
-                f"{len(self.blocks) - 1} (block0 has no expand)"
-            )
 
     def feature_layers(self) -> list[str]:
         """List the layers whose activations can be pooled, in network order.

@@ -377,8 +377,12 @@ def fit_projection(features: np.ndarray, labels: np.ndarray, train: np.ndarray, 
             best_weights = (kernel.detach().clone().numpy(), bias.detach().clone().numpy())
         elif epoch - best_epoch >= options.patience:
             break
-    logger.info("Head training stopped after %d epochs; epoch %d had the best held-out mAP %.3f",
-                epoch, best_epoch, best_map)
+    if epoch == options.max_epochs and epoch - best_epoch < options.patience:
+        logger.info("Head training reached the cap of %d epochs; the held-out mAP matched its best (%.3f) at "
+                    "epoch %d, within the last %d epochs", epoch, best_map, best_epoch, options.patience)
+    else:
+        logger.info("Head training stopped after %d epochs; epoch %d had the best held-out mAP %.3f",
+                    epoch, best_epoch, best_map)
 
     # Fold the standardisation into the kernel and bias: ((x - mean) / std) @ W + b.
     trained_kernel, trained_bias = best_weights

@@ -216,6 +216,27 @@ def _concatenate_gem(feature_maps: list, options: PoolingOptions):
     return tf.pow(tf.concat(scaled, axis=-1), 1.0 / options.p)
 
 
+def check_layers(options: PoolingOptions, widths: dict[str, int]) -> None:
+    """Reject feature layers that the backbone does not have.
+
+    Args:
+        options: The requested pooling.
+        widths: The backbone's poolable layers, as
+            `edgeembed.toolchain.architecture.feature_widths` returns them.
+
+    Raises:
+        ValueError: Naming the unknown layers and the valid names.
+    """
+    unknown = [layer.name for layer in options.layers if layer.name not in widths]
+    if unknown:
+        blocks = sum(name.endswith("_depthwise") for name in widths)
+        raise ValueError(
+            f"unknown feature layers {unknown}; valid names are stem, head, block<i> (the block output) "
+            f"and block<i>_expand, block<i>_depthwise (their ReLU6 activations) for blocks 0 to "
+            f"{blocks - 1} (block0 has no expand)"
+        )
+
+
 def check_quantization(options: PoolingOptions, quantization: str, float_layers: tuple[str, ...]) -> None:
     """Reject an int8 model that would quantise the joining of several layers.
 

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "--mean 0 --std 0.00392157 (default: inferred or the backbone's)")
     group.add_argument("--std", type=channel_values, metavar="R,G,B", help="see --mean")
 
-    head = parser.add_argument_group("embedding head (not for efficientnet_liteN or --from-tflite)")
+    head = parser.add_argument_group("embedding head (not for --from-tflite)")
     head.add_argument("--dim", type=int, metavar="D",
                       help="project the pooled features to D dimensions with a PCA fitted on the float "
                            "embeddings of the calibration photos (needs --calib and more than D photos); "
