@@ -6,15 +6,27 @@ All three expose the same ``Interpreter`` class. The environment variable
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 ENV_VARIABLE = "EDGEEMBED_BACKEND"
+
+# The TFLite runtime prints this line to the native stderr whenever an interpreter
+# applies its default XNNPACK delegate, and no Python setting turns it off.
+_XNNPACK_NOTICE = "Created TensorFlow Lite XNNPACK delegate"
+
+# File descriptor 2 is process-wide, so only one thread may redirect it at a time.
+_STDERR_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,40 @@ def create_interpreter(model_path: str, num_threads: int | None = None,
         ValueError: If the interpreter rejects the model.
     """
     chosen, interpreter_class = load_interpreter_class(backend)
-    interpreter = interpreter_class(model_path=model_path, num_threads=num_threads)
-    interpreter.allocate_tensors()
+    with _STDERR_LOCK, native_stderr_to_log():
+        interpreter = interpreter_class(model_path=model_path, num_threads=num_threads)
+        interpreter.allocate_tensors()
     logger.debug("loaded model with %s, %s threads", chosen.name, num_threads)
     return chosen, interpreter
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Send what native code writes to stderr inside the block to this module's logger.
+
+    The XNNPACK notice goes to DEBUG, every other line to WARNING, so runtime errors
+    stay visible. Python writes to ``sys.stderr`` from other threads during the block
+    are captured too and logged after it. Without a usable file descriptor 2 the
+    block runs unchanged.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+
+    for line in text.splitlines():
+        if line.strip():
+            level = logging.DEBUG if _XNNPACK_NOTICE in line else logging.WARNING
+            logger.log(level, "%s", line.strip())

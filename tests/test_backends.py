@@ -80,3 +80,16 @@ def test_option_error_does_not_mention_environment(monkeypatch):
     with pytest.raises(BackendError) as caught:
         backends.load_interpreter_class("tflite-runtime")
     assert backends.ENV_VARIABLE not in str(caught.value)
+
+
+def test_xnnpack_notice_goes_to_log():
+    # TFLite prints the notice once per process, so a fresh process shows it.
+    script = ("import logging; logging.basicConfig(level=logging.DEBUG, format='%(levelname)s %(name)s: %(message)s'); "
+              "from edgeembed import Embedder; Embedder(num_threads=1)")
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert not [line for line in lines if line.startswith("INFO: Created TensorFlow Lite XNNPACK")]
+    assert [line for line in lines if line.startswith("DEBUG edgeembed.backends: INFO: Created TensorFlow Lite XNNPACK")]
