@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VARIABLE = "EDGEEMBED_BACKEND"
 
-# The TFLite runtime prints this line to the native stderr whenever an interpreter
+# The TFLite runtime prints this line to the native stderr once per process, when an interpreter
 # applies its default XNNPACK delegate, and no Python setting turns it off.
 _XNNPACK_NOTICE = "Created TensorFlow Lite XNNPACK delegate"
 
