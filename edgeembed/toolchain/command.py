@@ -15,7 +15,8 @@ from pathlib import Path
 
 from edgeembed.toolchain import sources
 from edgeembed.toolchain.architecture import feature_widths, get_backbone
-from edgeembed.toolchain.head import LOSSES, HeadRequest, HeadTrainingOptions
+from edgeembed.toolchain.head import HeadRequest, HeadTrainingOptions
+from edgeembed.toolchain.metric_learning import LOSSES
 from edgeembed.toolchain.pooling import (
     DEFAULT_GEM_P,
     POOLINGS,

@@ -27,10 +27,9 @@ import numpy as np
 from edgeembed.evaluate import EvaluationResult, evaluate, list_labelled_images
 from edgeembed.model import PreprocessConfig
 from edgeembed.toolchain.images import ImageSet, float_inputs, load_pixels
+from edgeembed.toolchain.metric_learning import LOSSES, metric_loss, pk_batches
 
 logger = logging.getLogger(__name__)
-
-LOSSES = ("triplet", "contrastive", "supcon")
 
 # Photos are decoded and embedded in chunks of this many, to bound memory.
 _CHUNK = 64
@@ -240,73 +239,6 @@ def _initial_kernel(standardised: np.ndarray, dim: int, rng: np.random.Generator
     return kernel.astype(np.float32)
 
 
-def _similarities(outputs, labels):
-    """Return the cosine matrix of unit rows and the masks of positive and negative pairs."""
-    import torch
-
-    similarity = outputs @ outputs.T
-    same = labels[:, None] == labels[None, :]
-    positive = same & ~torch.eye(len(labels), dtype=torch.bool)
-    return similarity, positive, ~same
-
-
-def triplet_loss(outputs, labels, margin: float):
-    """Batch-hard triplet loss: each anchor with its least similar positive and most similar negative."""
-    import torch
-
-    similarity, positive, negative = _similarities(outputs, labels)
-    hardest_positive = torch.where(positive, similarity, torch.inf).min(dim=1).values
-    hardest_negative = torch.where(negative, similarity, -torch.inf).max(dim=1).values
-    usable = positive.any(dim=1) & negative.any(dim=1)
-    return torch.relu(hardest_negative - hardest_positive + margin)[usable].mean()
-
-
-def contrastive_loss(outputs, labels, margin: float):
-    """Pull positive pairs to similarity 1, push negatives below `margin`, averaging only the
-    negatives still above it (online hard-negative mining)."""
-    similarity, positive, negative = _similarities(outputs, labels)
-    pull = (1.0 - similarity[positive]).mean()
-    violations = (similarity[negative] - margin).clamp(min=0)
-    hard = violations > 0
-    push = violations[hard].mean() if hard.any() else violations.sum()
-    return pull + push
-
-
-def supcon_loss(outputs, labels, temperature: float):
-    """Supervised contrastive loss (Khosla et al., 2020) over the batch."""
-    import torch
-
-    similarity, positive, _ = _similarities(outputs, labels)
-    logits = (similarity / temperature).masked_fill(torch.eye(len(labels), dtype=torch.bool), -torch.inf)
-    log_probability = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    counts = positive.sum(dim=1)
-    per_anchor = -log_probability.masked_fill(~positive, 0.0).sum(dim=1) / counts.clamp(min=1)
-    return per_anchor[counts > 0].mean()
-
-
-def _loss(options: HeadTrainingOptions, outputs, labels):
-    if options.loss == "triplet":
-        return triplet_loss(outputs, labels, options.margin)
-    if options.loss == "contrastive":
-        return contrastive_loss(outputs, labels, options.margin)
-    return supcon_loss(outputs, labels, options.temperature)
-
-
-def _pk_batches(labels: np.ndarray, options: HeadTrainingOptions, rng: np.random.Generator) -> list[np.ndarray]:
-    """Draw one epoch of batches, each with `images_per_class` rows of `classes_per_batch` classes."""
-    classes = [np.flatnonzero(labels == label) for label in np.unique(labels)]
-    per_batch = options.classes_per_batch * options.images_per_class
-    batch_count = max(_MIN_BATCHES_PER_EPOCH, len(labels) // per_batch)
-
-    batches = []
-    for _ in range(batch_count):
-        chosen = rng.choice(len(classes), size=min(options.classes_per_batch, len(classes)), replace=False)
-        rows = [rng.choice(classes[c], size=options.images_per_class, replace=len(classes[c]) < options.images_per_class)
-                for c in chosen]
-        batches.append(np.concatenate(rows))
-    return batches
-
-
 def _held_out_result(projected_train: np.ndarray, train_labels: np.ndarray, projected_held_out: np.ndarray,
                      held_out_labels: np.ndarray) -> EvaluationResult:
     return evaluate(projected_held_out, held_out_labels.tolist(),
@@ -359,10 +291,10 @@ def fit_projection(features: np.ndarray, labels: np.ndarray, train: np.ndarray, 
     best_map, best_epoch, best_weights = -1.0, 0, None
     epoch = 0
     for epoch in range(1, options.max_epochs + 1):
-        for rows in _pk_batches(labels[train], options, rng):
+        for rows in pk_batches(labels[train], options.classes_per_batch, options.images_per_class, _MIN_BATCHES_PER_EPOCH, rng):
             batch = torch.from_numpy(train[rows])
             outputs = torch.nn.functional.normalize(inputs[batch] @ kernel + bias, dim=1)
-            loss = _loss(options, outputs, targets[batch])
+            loss = metric_loss(options.loss, outputs, targets[batch], options.margin, options.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
