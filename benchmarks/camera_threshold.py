@@ -1,6 +1,6 @@
 """Measure how the camera's default match threshold separates true frames from unknown photos.
 
-    python benchmarks/camera_threshold.py [--model MODEL]
+    python benchmarks/camera_threshold.py [--model MODEL] [--scores]
 
 For each gallery below, the threshold comes from `derive_threshold` (the gallery's
 nearest-neighbour scores). Each gallery photo is then turned into a 640x480 video
@@ -8,7 +8,9 @@ frame: letterboxed and JPEG-compressed at quality 75, as in a webcam's MJPEG str
 A darkened copy (brightness x0.4) and a blurred copy (Gaussian radius 3) of each
 frame are added. Photos that are not in the gallery become frames the same way. The table gives the share
 of frames whose best gallery score passes the threshold, and for true frames also
-whether the best item is the right one.
+whether the best item is the right one. ``--scores`` adds, under each row, the
+distribution of the best scores of each kind of frame (minimum, 10th, 50th and 90th
+percentiles, maximum), so that a rule can be judged by its margins as well.
 
 Galleries (from ../shared/assets, skipped when missing; scikit-image photos always):
 - skimage: the 19 scikit-image photos; unknown: the shared photos, Flowers17 and COIL-100 objects.
@@ -109,7 +111,7 @@ def photo_sets() -> dict[str, tuple[dict, dict]]:
 
 
 def measure(embedder: Embedder, gallery_photos: dict, unknown_photos: dict) -> dict:
-    """Return the derived threshold and the share of frames of each kind that pass it."""
+    """Return the derived threshold, the share of each kind of frame that passes it, and the best scores."""
     ids = list(gallery_photos)
     vectors = np.stack([embedder.embed(photo) for photo in gallery_photos.values()])
     gallery = Gallery.build(vectors, ids, model_fingerprint=embedder.fingerprint)
@@ -119,25 +121,38 @@ def measure(embedder: Embedder, gallery_photos: dict, unknown_photos: dict) -> d
     objects = {}
     for item_id in ids:
         objects.setdefault(item_id.split("/")[0] if "/" in item_id else item_id, item_id)
-    result = {"items": len(ids), "level": level, "threshold": threshold}
+    result = {"items": len(ids), "level": level, "threshold": threshold, "scores": {}}
     for kind, make in FRAME_KINDS.items():
-        passed = right = 0
+        scores, right = [], 0
         for item_id in objects.values():
             best = gallery.search_exact(embedder.embed(make(gallery_photos[item_id])), 1)[0]
-            passed += best.score >= threshold
+            scores.append(best.score)
             right += best.id == item_id
-        result[kind] = (passed / len(objects), right / len(objects))
+        result["scores"][kind] = np.array(scores)
+        result[kind] = (float(np.mean(result["scores"][kind] >= threshold)), right / len(objects))
 
     unknown = np.array([gallery.search_exact(embedder.embed(video_frame(photo)), 1)[0].score
                         for photo in unknown_photos.values()])
+    result["scores"]["unknown"] = unknown
     result["unknown"] = (float(np.mean(unknown >= threshold)), float(unknown.max()), len(unknown))
     return result
+
+
+def score_lines(scores: dict[str, np.ndarray]) -> list[str]:
+    """Format the best-score distribution of each kind of frame: min, p10, p50, p90, max."""
+    lines = []
+    for kind, values in scores.items():
+        points = np.percentile(values, [0, 10, 50, 90, 100])
+        lines.append(f"  {kind:8} best scores " + " ".join(f"{value:.3f}" for value in points))
+    return lines
 
 
 def main() -> None:
     """Print one table row per gallery."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="TFLite embedder (default: the shipped model)")
+    parser.add_argument("--scores", action="store_true",
+                        help="also print each gallery's best-score distribution per kind of frame")
     args = parser.parse_args()
     embedder = Embedder(args.model)
     sets = photo_sets() or {"skimage": ({name: sample_photos.load_skimage_photo(name)
@@ -155,6 +170,8 @@ def main() -> None:
               f"{100 * row['frame'][0]:8.0f} {100 * row['frame'][1]:7.0f} {100 * row['dark'][0]:7.0f} "
               f"{100 * row['blur'][0]:7.0f} {100 * unknown_share:9.1f} {unknown_max:8.3f} {unknown_count:8d}",
               flush=True)
+        if args.scores:
+            print("\n".join(score_lines(row["scores"])), flush=True)
 
 
 if __name__ == "__main__":
