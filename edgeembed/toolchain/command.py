@@ -126,11 +126,11 @@ def _add_pooling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pooling_problem(args: argparse.Namespace) -> str | None:
     """Return why the pooling and head options do not fit the other arguments, or None."""
-    given = [option for option, value in (("--pooling", args.pooling), ("--gem-p", args.gem_p),
+    set_options = [option for option, value in (("--pooling", args.pooling), ("--gem-p", args.gem_p),
                                           ("--train-head", args.train_head), ("--loss", args.loss))
              if value is not None]
-    if given and sources.source_kind(args) != sources.EFFICIENTNET:
-        return f"{given[0]} applies to efficientnet_liteN backbones only"
+    if set_options and sources.source_kind(args) != sources.EFFICIENTNET:
+        return f"{set_options[0]} applies to efficientnet_liteN backbones only"
     if args.gem_p is not None and args.pooling != "gem":
         return "--gem-p needs --pooling gem"
     if args.gem_p is not None and not args.gem_p >= 1.0:

@@ -392,7 +392,7 @@ def attach_trained_head(extractor: Any, request: HeadRequest, config: Preprocess
         l2_normalize: Also L2-normalise the head's output inside the graph.
 
     Returns:
-        An `edgeembed.toolchain.projection.ProjectedFeatures` whose ``record()`` holds
+        An `edgeembed.toolchain.projection.ProjectedFeatures` whose ``record()`` contains
         the training provenance and the held-out results.
 
     Raises:

@@ -255,8 +255,8 @@ def load_weight_file(model: keras.Model, path: Path, config: MobileNetConfig) ->
         saved = saved_layer_names(path)
     except OSError as error:
         raise WeightsError(f"cannot read {path} as an HDF5 file: {error}") from error
-    # Loading by name matches layers by name only, so it is used only when the file has
-    # every weighted layer of the backbone; a shape that differs still raises.
+    # Loading by name skips layers that the file lacks, so it is used only when the file
+    # has every weighted layer of the backbone. A shape that differs still raises.
     weighted = {layer.name for layer in model.layers if layer.weights}
     with_top = saved is not None and weighted | CLASSIFIER_LAYERS <= set(saved)
 

@@ -224,8 +224,11 @@ def build_model(request: BuildRequest) -> BuildResult:
     config = default_preprocess(input_size)
     folded = fold_weights(weights.state_dict, spec)
     model = EfficientNetLiteFeatures(spec, folded, (input_size, input_size), request.pooling)
-    # The PyTorch reference averages the head features, so parity is checked on that graph.
-    backbone = EfficientNetLiteFeatures(spec, folded, (input_size, input_size))
+    # The PyTorch reference averages the head features, so parity is checked on that
+    # graph. With the default pooling it is the model itself, which is then traced once.
+    backbone = model
+    if request.pooling != PoolingOptions():
+        backbone = EfficientNetLiteFeatures(spec, folded, (input_size, input_size))
 
     int8 = request.options.quantization == "int8"
     pca = request.projection.dim is not None and request.head is None
